@@ -1,0 +1,39 @@
+"""lora_jax: LoRA (low-rank adaptation) for JAX/Flax as a module transform.
+
+    config = LoraConfig(rank=8, alpha=16, targets=("query", "value"))
+    model = lora(base_model, config)                 # same call signature, lora_A/lora_B beside kernels
+    params = model.init(rng, x)["params"]
+    mask = trainable_mask(params, config)
+    step = make_train_step(loss_fn, optax.adamw(1e-3), mask)
+    merged = merge(params, config)                   # params for the untransformed base model
+"""
+
+from .config import LoraConfig
+from .masking import combine, lora_leaves, partition, trainable_mask
+from .merge import merge, unmerge
+from .summary import count_parameters, print_trainable_parameters, trainable_summary
+from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
+from .transform import LoraModule, init_lora_params, lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraModule",
+    "TrainState",
+    "TrainStep",
+    "combine",
+    "count_parameters",
+    "dropout_rngs",
+    "init_lora_params",
+    "lora",
+    "lora_leaves",
+    "make_eval_step",
+    "make_train_step",
+    "merge",
+    "partition",
+    "print_trainable_parameters",
+    "trainable_mask",
+    "trainable_summary",
+    "unmerge",
+]

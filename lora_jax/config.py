@@ -1,0 +1,111 @@
+"""LoraConfig: every knob of a LoRA adapter in one frozen, validated, serialisable record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Literal, Sequence
+
+from .targets import validate_patterns
+
+BiasMode = Literal["none", "all", "lora_only"]
+InitMode = Literal["kaiming_uniform", "gaussian"]
+
+_INIT_MODES = ("kaiming_uniform", "gaussian")
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Hyper-parameters of a LoRA adapter.
+
+    Patterns (``targets``, ``exclude``, ``modules_to_save``) are matched on module paths such as
+    ``encoder/layer_3/attention/self/query``. A plain pattern matches a path suffix by whole
+    components (``"query"`` or ``"self/query"``; dots are read as slashes, PEFT-style); a pattern
+    starting with ``re:`` is a regex that must match the whole path.
+
+    Attributes:
+      rank: r, the inner dimension of A (in, r) and B (r, out).
+      alpha: scaling numerator; the update is scaled by alpha / r (or alpha / sqrt(r) with rslora).
+      targets: which layers get LoRA (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed).
+      exclude: layers never targeted, even if ``targets`` matches them.
+      dropout: dropout rate on the LoRA input; active only when the ``dropout_rng`` stream is given.
+      init: ``kaiming_uniform`` (PEFT's default for A) or ``gaussian`` (A ~ N(0, 1/r)).
+      rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
+      bias: which bias leaves train: ``none``, ``all``, or ``lora_only`` (biases of targeted layers).
+      modules_to_save: modules whose parameters train in full (a classifier head, LayerNorms).
+      dropout_rng: name of the rng stream used by LoRA dropout.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+    exclude: tuple[str, ...] = ()
+    dropout: float = 0.0
+    init: InitMode = "kaiming_uniform"
+    rslora: bool = False
+    bias: BiasMode = "none"
+    modules_to_save: tuple[str, ...] = ()
+    dropout_rng: str = "lora_dropout"
+
+    def __post_init__(self) -> None:
+        # Accept any sequence (or a single string) for the pattern fields, store tuples.
+        for name in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, _as_tuple(value, name))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in _INIT_MODES:
+            raise ValueError(f"LoraConfig.init must be one of {_INIT_MODES}, got {self.init!r}")
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"LoraConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
+        if not self.targets:
+            raise ValueError("LoraConfig.targets is empty: name at least one layer to adapt")
+        validate_patterns(self.targets + self.exclude + self.modules_to_save)
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to x·A·B: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Inverse of ``to_dict``; unknown keys are an error, so typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LoraConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoraConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _as_tuple(value: str | Sequence[str], name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"LoraConfig.{name} must be a string or a sequence of strings, got {value!r}") from None
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"LoraConfig.{name} holds {item!r}; every pattern must be a non-empty string")
+    return items

@@ -1,0 +1,75 @@
+"""Which leaves train: the trainable mask, and partition / combine of param trees by it.
+
+``partition`` returns two *sparse* nested dicts (only the leaves of each side), so the trainable
+half is exactly the adapter: it is what the optimizer sees, what gets differentiated, and what an
+adapter checkpoint stores.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flax import traverse_util
+
+from .config import LoraConfig
+from .targets import any_matches, path_str
+
+Params = Mapping[str, Any]
+LORA_LEAVES = ("lora_A", "lora_B")
+
+
+def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(dict(tree))
+
+
+def _is_trainable(key: tuple[str, ...], module_leaves: set[str], config: LoraConfig) -> bool:
+    leaf, module = key[-1], key[:-1]
+    if leaf in LORA_LEAVES:
+        return True
+    if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and "lora_A" in module_leaves)):
+        return True
+    return any(any_matches(config.modules_to_save, path_str(module[:k])) for k in range(1, len(module) + 1))
+
+
+def trainable_mask(params: Params, config: LoraConfig) -> dict:
+    """A tree of bools shaped like ``params``: True for lora_A/lora_B, for biases per ``config.bias``,
+    and for every leaf under a module named in ``config.modules_to_save``."""
+    flat = _flat(params)
+    leaves_by_module: dict[tuple[str, ...], set[str]] = {}
+    for key in flat:
+        leaves_by_module.setdefault(key[:-1], set()).add(key[-1])
+    if config.modules_to_save:
+        modules = {path_str(k[:i]) for k in flat for i in range(1, len(k))}
+        unmatched = [p for p in config.modules_to_save if not any(any_matches([p], m) for m in modules)]
+        if unmatched:
+            raise ValueError(f"modules_to_save pattern(s) {unmatched} match no module; modules: {sorted(modules)}")
+    mask = {k: _is_trainable(k, leaves_by_module[k[:-1]], config) for k in flat}
+    return traverse_util.unflatten_dict(mask)
+
+
+def partition(params: Params, mask: Params) -> tuple[dict, dict]:
+    """Split ``params`` into (trainable, frozen) sparse trees by a bool ``mask`` of the same structure."""
+    flat, flat_mask = _flat(params), _flat(mask)
+    if flat.keys() != flat_mask.keys():
+        extra = sorted(path_str(k) for k in flat.keys() - flat_mask.keys())[:5]
+        absent = sorted(path_str(k) for k in flat_mask.keys() - flat.keys())[:5]
+        raise ValueError(f"mask does not match params: leaves only in params {extra}, only in mask {absent}")
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def combine(*trees: Params) -> dict:
+    """Merge disjoint sparse trees (e.g. ``combine(trainable, frozen)``) back into one param tree."""
+    out: dict[tuple[str, ...], Any] = {}
+    for tree in trees:
+        for key, value in _flat(tree).items():
+            if key in out:
+                raise ValueError(f"leaf '{path_str(key)}' is present in more than one tree")
+            out[key] = value
+    return traverse_util.unflatten_dict(out)
+
+
+def lora_leaves(params: Params) -> dict:
+    """The lora_A / lora_B leaves of ``params`` as a sparse tree (the low-rank part of an adapter)."""
+    return traverse_util.unflatten_dict({k: v for k, v in _flat(params).items() if k[-1] in LORA_LEAVES})

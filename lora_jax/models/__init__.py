@@ -1,0 +1,31 @@
+"""Models: Flax BERT / RoBERTa with Hugging Face names and weight loading, and an MLP."""
+
+from .bert import (
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
+from .hub import PACKAGED_MINILM, packaged_minilm_path, resolve_model_dir
+from .mlp import MLP
+from .pretrained import Pretrained, from_pretrained, load_weights, read_config, read_state_dict
+from .torch_pickle import load_torch_bin
+
+__all__ = [
+    "BertConfig",
+    "BertForQuestionAnswering",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertModel",
+    "MLP",
+    "PACKAGED_MINILM",
+    "Pretrained",
+    "from_pretrained",
+    "load_torch_bin",
+    "load_weights",
+    "packaged_minilm_path",
+    "read_config",
+    "read_state_dict",
+    "resolve_model_dir",
+]

@@ -1,0 +1,298 @@
+"""Flax BERT and RoBERTa encoders with Hugging Face module names, plus task heads.
+
+Param paths mirror the PyTorch module paths with '/' for '.', e.g.
+``encoder/layer/0/attention/self/query/kernel`` for ``encoder.layer.0.attention.self.query.weight``,
+so LoRA targets read the same as in PEFT ("query", "value", "attention.output.dense", ...).
+Shapes: ids and masks are (batch, seq); hidden states (batch, seq, hidden).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT/RoBERTa ``config.json`` this implementation uses."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    model_type: str = "bert"
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
+        if self.model_type not in ("bert", "roberta"):
+            raise ValueError(f"unsupported model_type {self.model_type!r}: expected 'bert' or 'roberta'")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "BertConfig":
+        """Build from a (Hugging Face) config dict, ignoring the keys we do not use."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        if "num_labels" not in values and isinstance(data.get("id2label"), dict):
+            values["num_labels"] = len(data["id2label"])
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _dense(features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, name=name, kernel_init=nn.initializers.normal(0.02))
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
+
+
+def roberta_position_ids(input_ids: jax.Array, padding_idx: int) -> jax.Array:
+    """RoBERTa numbers non-pad tokens from padding_idx + 1; pads keep padding_idx."""
+    mask = (input_ids != padding_idx).astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask + padding_idx
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
+        c = self.config
+        init = nn.initializers.normal(0.02)
+        words = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="word_embeddings")(input_ids)
+        positions = nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init,
+                             name="position_embeddings")(position_ids)
+        types = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init,
+                         name="token_type_embeddings")(token_type_ids)
+        h = _layer_norm(c, "LayerNorm")(words + types + positions)
+        return nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, mask_bias, deterministic: bool):
+        c = self.config
+        batch, seq, _ = h.shape
+        split = lambda t: t.reshape(batch, seq, c.num_attention_heads, c.head_dim)
+        q = split(_dense(c.hidden_size, "query")(h))
+        k = split(_dense(c.hidden_size, "key")(h))
+        v = split(_dense(c.hidden_size, "value")(h))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(c.head_dim, q.dtype))
+        probs = jax.nn.softmax(scores + mask_bias, axis=-1)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq, c.hidden_size)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection + dropout + residual + LayerNorm (used after attention and after the MLP)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, residual, deterministic: bool):
+        h = _dense(self.config.hidden_size, "dense")(h)
+        h = nn.Dropout(self.config.hidden_dropout_prob)(h, deterministic=deterministic)
+        return _layer_norm(self.config, "LayerNorm")(h + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, mask_bias, deterministic: bool):
+        a = BertSelfAttention(self.config, name="self")(h, mask_bias, deterministic)
+        return BertSelfOutput(self.config, name="output")(a, h, deterministic)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h):
+        return _ACTIVATIONS[self.config.hidden_act](_dense(self.config.intermediate_size, "dense")(h))
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, mask_bias, deterministic: bool):
+        h = BertAttention(self.config, name="attention")(h, mask_bias, deterministic)
+        inner = BertIntermediate(self.config, name="intermediate")(h)
+        return BertSelfOutput(self.config, name="output")(inner, h, deterministic)
+
+
+class BertLayerStack(nn.Module):
+    """Holds the layers as children '0', '1', ... so paths read ``encoder/layer/3/...``."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, mask_bias, deterministic: bool):
+        for i in range(self.config.num_hidden_layers):
+            h = BertLayer(self.config, name=str(i))(h, mask_bias, deterministic)
+        return h
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, mask_bias, deterministic: bool):
+        return BertLayerStack(self.config, name="layer")(h, mask_bias, deterministic)
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h):
+        return jnp.tanh(_dense(self.config.hidden_size, "dense")(h[:, 0]))
+
+
+class BertModel(nn.Module):
+    """The encoder: returns (last_hidden_state (B, T, H), pooled (B, H) or None)."""
+
+    config: BertConfig
+    add_pooling_layer: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True):
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if position_ids is None:
+            if c.model_type == "roberta":
+                position_ids = roberta_position_ids(input_ids, c.pad_token_id)
+            else:
+                position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        h = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic)
+        # Additive mask as in transformers: 0 where attended, the dtype's minimum where masked.
+        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(h.dtype).min).astype(h.dtype)
+        h = BertEncoder(c, name="encoder")(h, mask_bias, deterministic)
+        pooled = BertPooler(c, name="pooler")(h) if self.add_pooling_layer else None
+        return h, pooled
+
+
+def _backbone_name(config: BertConfig) -> str:
+    return "roberta" if config.model_type == "roberta" else "bert"
+
+
+def _classifier_dropout(config: BertConfig) -> float:
+    return config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
+
+
+class RobertaClassificationHead(nn.Module):
+    """RoBERTa's head: <s> token -> dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, deterministic: bool):
+        rate = _classifier_dropout(self.config)
+        x = nn.Dropout(rate)(h[:, 0], deterministic=deterministic)
+        x = jnp.tanh(_dense(self.config.hidden_size, "dense")(x))
+        x = nn.Dropout(rate)(x, deterministic=deterministic)
+        return _dense(self.config.num_labels, "out_proj")(x)
+
+
+class BertForSequenceClassification(nn.Module):
+    """Logits (B, num_labels). BERT: pooler -> dropout -> classifier; RoBERTa: its own head, no pooler."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True):
+        c = self.config
+        is_roberta = c.model_type == "roberta"
+        h, pooled = BertModel(c, add_pooling_layer=not is_roberta, name=_backbone_name(c))(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        if is_roberta:
+            return RobertaClassificationHead(c, name="classifier")(h, deterministic)
+        x = nn.Dropout(_classifier_dropout(c))(pooled, deterministic=deterministic)
+        return _dense(c.num_labels, "classifier")(x)
+
+
+class BertForTokenClassification(nn.Module):
+    """Per-token logits (B, T, num_labels): sequence output -> dropout -> classifier."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True):
+        c = self.config
+        h, _ = BertModel(c, add_pooling_layer=False, name=_backbone_name(c))(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        h = nn.Dropout(_classifier_dropout(c))(h, deterministic=deterministic)
+        return _dense(c.num_labels, "classifier")(h)
+
+
+class BertForQuestionAnswering(nn.Module):
+    """Span logits: (start (B, T), end (B, T)) from ``qa_outputs``."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True):
+        c = self.config
+        h, _ = BertModel(c, add_pooling_layer=False, name=_backbone_name(c))(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        logits = _dense(2, "qa_outputs")(h)
+        return logits[..., 0], logits[..., 1]
+
+
+TASK_MODELS = {
+    "base": BertModel,
+    "sequence_classification": BertForSequenceClassification,
+    "token_classification": BertForTokenClassification,
+    "question_answering": BertForQuestionAnswering,
+}
+
+# Modules a task head adds on top of the backbone (new at load time, trainable with LoRA).
+HEAD_MODULES = {
+    "base": (),
+    "sequence_classification": ("classifier",),
+    "token_classification": ("classifier",),
+    "question_answering": ("qa_outputs",),
+}

@@ -1,0 +1,129 @@
+"""``lora(model, config)``: the Flax module transform that adds LoRA beside targeted kernels.
+
+The transformed module shares its scope with the wrapped one (``nn.share_scope``), so the param
+tree is the base tree plus ``lora_A`` / ``lora_B`` leaves inside each targeted layer. Layers are
+adapted by a method interceptor: it sees every module call, and for targeted layers returns
+``base(x) + scale * f(dropout(x); A, B)`` with the per-kind ``f`` from ``layers``. Base weights are
+read, never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import flax.linen as nn
+
+from .config import LoraConfig
+from .layers import SUPPORTED, in_internal_call, layer_kind, lora_update
+from .targets import any_matches, matches, path_str
+
+
+@dataclasses.dataclass
+class _TraceRecord:
+    """What one trace of the model saw: adaptable layers and which patterns selected them."""
+
+    adaptable: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> kind
+    hits: dict[str, int] = dataclasses.field(default_factory=dict)  # target pattern -> count
+    targeted: set[str] = dataclasses.field(default_factory=set)
+
+
+class LoraModule(nn.Module):
+    """A Flax model with LoRA on the layers selected by ``config``; same call signature as ``base``.
+
+    Attributes:
+      base: the model to adapt (any linen Module).
+      config: the LoRA hyper-parameters and targets.
+    """
+
+    base: nn.Module
+    config: LoraConfig
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.base)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call_method("__call__", *args, **kwargs)
+
+    def call_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``base.<method>`` with LoRA active, e.g. ``model.apply(p, x, method='call_method',
+        ...)``; ``__call__`` is ``call_method('__call__', ...)``."""
+        record = _TraceRecord(hits={t: 0 for t in self.config.targets})
+        with nn.intercept_methods(self._interceptor(record)):
+            out = getattr(self.base, method)(*args, **kwargs)
+        _check_targets(self.config, record)
+        return out
+
+    def _interceptor(self, record: _TraceRecord):
+        config = self.config
+
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name != "__call__" or in_internal_call():
+                return next_fun(*args, **kwargs)
+            kind = layer_kind(module)
+            if kind is None or module.scope is None:
+                return next_fun(*args, **kwargs)
+            path = path_str(module.scope.path)
+            record.adaptable[path] = kind
+            selected = [t for t in config.targets if matches(t, path)]
+            for t in selected:
+                record.hits[t] += 1
+            if not selected or any_matches(config.exclude, path):
+                return next_fun(*args, **kwargs)
+            record.targeted.add(path)
+            out = next_fun(*args, **kwargs)
+            key = None
+            if config.dropout > 0 and module.scope.has_rng(config.dropout_rng):
+                key = module.scope.make_rng(config.dropout_rng)
+            update = lora_update(module, kind, args, kwargs, config, path, key)
+            return out + (config.scale * update).astype(out.dtype)
+
+        return interceptor
+
+
+def _check_targets(config: LoraConfig, record: _TraceRecord) -> None:
+    missing = [t for t, n in record.hits.items() if n == 0]
+    if not missing and record.targeted:
+        return
+    listing = "\n".join(f"  {p}  ({k})" for p, k in sorted(record.adaptable.items())) or "  (none)"
+    names = ", ".join(c.__name__ for c in SUPPORTED)
+    if missing:
+        problem = f"LoRA target pattern(s) {missing} matched no layer"
+    else:
+        problem = f"every layer matched by {list(config.targets)} is excluded by {list(config.exclude)}"
+    raise ValueError(f"{problem}. Layers LoRA can adapt ({names}) in this model:\n{listing}")
+
+
+def lora(model: nn.Module, config: LoraConfig) -> LoraModule:
+    """Return ``model`` with LoRA on the layers ``config.targets`` selects.
+
+    The result is a linen Module with the same call signature; its params are ``model``'s params
+    plus ``lora_A`` / ``lora_B`` beside each targeted kernel, and it computes exactly ``model``'s
+    output while every ``lora_B`` is zero. LoRA dropout is active only when the
+    ``config.dropout_rng`` stream is passed to ``apply`` (training); omit it for evaluation.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lora() takes a flax.linen Module, got {type(model).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora() takes a LoraConfig, got {type(config).__name__}")
+    return LoraModule(base=model, config=config)
+
+
+def init_lora_params(
+    model: LoraModule,
+    base_params: dict,
+    rng: jax.Array,
+    *args: Any,
+    **kwargs: Any,
+) -> dict:
+    """Add fresh ``lora_A`` / ``lora_B`` leaves to an existing (e.g. pretrained) base param tree.
+
+    Runs the transformed model once on example inputs ``*args`` with the base params given, so
+    only the missing LoRA leaves are created; every base leaf is returned as the same array.
+    """
+    _, variables = model.apply(
+        {"params": base_params}, *args, rngs={"params": rng}, mutable=["params"], **kwargs
+    )
+    return variables["params"]

@@ -1,0 +1,37 @@
+import pytest
+
+from lora_jax import LoraConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"rank": -2}, "rank must be a positive integer"),
+        ({"rank": 2.5}, "rank must be a positive integer"),
+        ({"alpha": 0}, "alpha must be > 0"),
+        ({"alpha": -1.0}, "alpha must be > 0"),
+        ({"init": "xavier"}, "init must be one of"),
+        ({"bias": "some"}, "bias must be one of"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"targets": ()}, "targets is empty"),
+        ({"targets": ("re:(unclosed",)}, "invalid regex"),
+        ({"targets": ("",)}, "non-empty string"),
+    ],
+)
+def test_invalid_config_raises_clear_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_scale_plain_and_rslora():
+    assert LoraConfig(rank=8, alpha=16).scale == 2.0
+    assert LoraConfig(rank=16, alpha=8, rslora=True).scale == 2.0
+
+
+def test_json_round_trip_and_unknown_field():
+    config = LoraConfig(rank=4, alpha=8, targets=["query", "re:.*value"], modules_to_save="classifier")
+    assert config.targets == ("query", "re:.*value") and config.modules_to_save == ("classifier",)
+    assert LoraConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown LoraConfig fields"):
+        LoraConfig.from_dict({"rank": 4, "lora_alpha": 8})

@@ -1,0 +1,141 @@
+"""Masking and the jitted train step: only the trainable partition is differentiated and updated."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_jax
+from lora_jax import LoraConfig
+from lora_jax.models import MLP, BertConfig, BertForSequenceClassification
+
+
+def _setup(config=None):
+    config = config or LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",))
+    model = lora_jax.lora(MLP((16, 8, 3)), config)
+    x = jax.random.normal(jax.random.key(0), (32, 10))
+    y = jnp.arange(32) % 3
+    params = model.init(jax.random.key(1), x)["params"]
+
+    def loss_fn(p, batch, rng):
+        logits = model.apply({"params": p}, batch["x"], rngs={"lora_dropout": rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    return model, config, params, loss_fn, {"x": x, "y": y}
+
+
+def test_mask_marks_lora_leaves_bias_mode_and_modules_to_save():
+    _, config, params, _, _ = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    assert mask["fc1"] == {"kernel": False, "bias": False, "lora_A": True, "lora_B": True}
+    assert mask["fc3"] == {"kernel": True, "bias": True}
+    only = lora_jax.trainable_mask(params, config.replace(bias="lora_only", modules_to_save=()))
+    assert only["fc1"]["bias"] and only["fc2"]["bias"] and not only["fc3"]["bias"]
+    every = lora_jax.trainable_mask(params, config.replace(bias="all", modules_to_save=()))
+    assert every["fc3"]["bias"] and not every["fc3"]["kernel"]
+
+
+def test_modules_to_save_that_matches_nothing_is_an_error():
+    _, config, params, _, _ = _setup()
+    with pytest.raises(ValueError, match=r"modules_to_save pattern\(s\) \['classifier'\] match no module"):
+        lora_jax.trainable_mask(params, config.replace(modules_to_save=("classifier",)))
+
+
+def test_partition_combine_round_trip_and_disjointness():
+    _, config, params, _, _ = _setup()
+    trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, config))
+    assert set(trainable["fc1"]) == {"lora_A", "lora_B"} and set(frozen["fc1"]) == {"kernel", "bias"}
+    chex.assert_trees_all_equal(lora_jax.combine(trainable, frozen), params)
+    with pytest.raises(ValueError, match="present in more than one tree"):
+        lora_jax.combine(trainable, trainable)
+    with pytest.raises(ValueError, match="mask does not match params"):
+        lora_jax.partition(params, {"fc1": {"kernel": True}})
+
+
+def test_frozen_leaves_bit_identical_and_trainable_move_after_many_steps():
+    _, config, params, loss_fn, batch = _setup(LoraConfig(rank=2, targets=("fc1", "fc2"), dropout=0.1,
+                                                          modules_to_save=("fc3",)))
+    mask = lora_jax.trainable_mask(params, config)
+    before = jax.tree.map(np.array, params)
+    tx = optax.adamw(1e-2)
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))
+    step = lora_jax.make_train_step(loss_fn, tx, mask)
+    losses = []
+    for _ in range(25):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    _, frozen_before = lora_jax.partition(before, mask)
+    trainable_after, frozen_after = lora_jax.partition(state.params, mask)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, frozen_after), frozen_before)  # bit for bit
+    assert state.params["fc1"]["kernel"] is params["fc1"]["kernel"]  # never even copied
+    assert float(jnp.abs(trainable_after["fc1"]["lora_B"]).max()) > 0
+    assert losses[-1] < losses[0]
+    assert int(state.step) == 25
+
+
+def test_optimizer_state_only_for_trainable_leaves():
+    _, config, params, _, _ = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    state = lora_jax.TrainState.create(params, mask, optax.adam(1e-3), jax.random.key(0))
+    n_trainable, n_total = lora_jax.count_parameters(params, mask)
+    opt_elems = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert opt_elems == 2 * n_trainable  # adam: mu + nu, nothing for frozen leaves
+    assert n_trainable == 10 * 2 + 2 * 16 + 16 * 2 + 2 * 8 + 8 * 3 + 3  # A,B of fc1 and fc2; all of fc3
+    assert n_total == n_trainable + 10 * 16 + 16 + 16 * 8 + 8
+
+
+def test_step_compiles_once():
+    _, config, params, loss_fn, batch = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    tx = optax.sgd(0.1)
+    step = lora_jax.make_train_step(loss_fn, tx, mask)
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))
+    for _ in range(3):
+        state, _ = step(state, batch)
+    assert step.cache_size() == 1
+
+
+def test_optax_masked_would_move_frozen_weights():
+    """Why the step partitions instead of using optax.masked: masked passes raw gradients through."""
+    _, config, params, loss_fn, batch = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    tx = optax.masked(optax.adam(1e-3), mask)
+    grads = jax.grad(loss_fn)(params, batch, jax.random.key(0))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["fc1"]["kernel"], grads["fc1"]["kernel"])  # frozen leaf would move
+
+
+def _bert_flops(layers: int, hidden: int) -> tuple[float, float]:
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                        intermediate_size=4 * hidden, num_labels=3)
+    base = BertForSequenceClassification(config)
+    batch = {"ids": jnp.ones((8, 128), jnp.int32), "y": jnp.zeros((8,), jnp.int32)}
+    base_params = jax.jit(base.init)(jax.random.key(0), batch["ids"])["params"]
+    lora_config = LoraConfig(rank=8, alpha=16, targets=("query", "value"), modules_to_save=("classifier",))
+    model = lora_jax.lora(base, lora_config)
+    params = lora_jax.init_lora_params(model, base_params, jax.random.key(1), batch["ids"])
+
+    def loss_for(m):
+        def loss_fn(p, b, rng):
+            logits = m.apply({"params": p}, b["ids"], deterministic=False,
+                             rngs=lora_jax.dropout_rngs(rng, "dropout", "lora_dropout"))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean()
+        return loss_fn
+
+    tx = optax.adamw(1e-3)
+    full_mask = jax.tree.map(lambda _: True, base_params)
+    lora_mask = lora_jax.trainable_mask(params, lora_config)
+    full = lora_jax.make_train_step(loss_for(base), tx, full_mask).flops(
+        lora_jax.TrainState.create(base_params, full_mask, tx, jax.random.key(0)), batch)
+    lora = lora_jax.make_train_step(loss_for(model), tx, lora_mask).flops(
+        lora_jax.TrainState.create(params, lora_mask, tx, jax.random.key(0)), batch)
+    return lora, full
+
+
+@pytest.mark.slow
+def test_lora_step_needs_at_most_072_of_full_finetuning_flops():
+    """A 6-layer hidden-384 encoder at batch 8 x 128: weight gradients of frozen kernels are never formed."""
+    lora, full = _bert_flops(6, 384)
+    assert lora / full <= 0.72, (lora, full, lora / full)

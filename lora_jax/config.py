@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any, Literal, Sequence
 
-from .targets import validate_patterns
+from .targets import matches, validate_patterns
 
 BiasMode = Literal["none", "all", "lora_only"]
 InitMode = Literal["kaiming_uniform", "gaussian"]
@@ -36,6 +36,8 @@ class LoraConfig:
       bias: which bias leaves train: ``none``, ``all``, or ``lora_only`` (biases of targeted layers).
       modules_to_save: modules whose parameters train in full (a classifier head, LayerNorms).
       dropout_rng: name of the rng stream used by LoRA dropout.
+      rank_pattern: per-layer rank overrides ``{pattern: rank}`` (PEFT's rank_pattern); the first
+        matching pattern wins, and that layer's scale uses its own rank.
     """
 
     rank: int = 8
@@ -48,14 +50,18 @@ class LoraConfig:
     bias: BiasMode = "none"
     modules_to_save: tuple[str, ...] = ()
     dropout_rng: str = "lora_dropout"
+    rank_pattern: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Accept any sequence (or a single string) for the pattern fields, store tuples.
         for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             object.__setattr__(self, name, _as_tuple(value, name))
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
+        pattern = self.rank_pattern.items() if isinstance(self.rank_pattern, dict) else self.rank_pattern
+        object.__setattr__(self, "rank_pattern", tuple((str(k), v) for k, v in pattern))
+        for name, rank in (("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern)):
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoraConfig.{name} must be a positive integer, got {rank!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -66,20 +72,30 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         if not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one layer to adapt")
-        validate_patterns(self.targets + self.exclude + self.modules_to_save)
+        validate_patterns(self.targets + self.exclude + self.modules_to_save + tuple(k for k, _ in self.rank_pattern))
 
     @property
     def scale(self) -> float:
         """The factor applied to x·A·B: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return self.scale_for(self.rank)
+
+    def scale_for(self, rank: int) -> float:
+        """The scale of a layer of the given rank (layers may differ through ``rank_pattern``)."""
+        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the layer at ``path``: the first matching ``rank_pattern`` entry, else ``rank``."""
+        return next((r for pattern, r in self.rank_pattern if matches(pattern, path)), self.rank)
 
     def replace(self, **changes: Any) -> "LoraConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """A JSON-ready dict (tuples become lists, rank_pattern a dict)."""
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        data["rank_pattern"] = dict(self.rank_pattern)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":

@@ -130,6 +130,7 @@ def lora_update(
     dropout_key: Array | None,
 ) -> Array:
     """scale · f(x; A, B) for one call of a targeted layer, creating lora_A / lora_B in its scope."""
+    config = config.replace(rank=config.rank_for(path), rank_pattern=())  # this layer's rank and scale
     scope = module.scope
     weight = nn.meta.unbox(scope.get_variable("params", base_leaf_name(kind)))
     x = args[0] if args else kwargs["inputs"]
@@ -140,7 +141,7 @@ def lora_update(
         "conv": _conv,
         "embed": _embed,
     }[kind]
-    return make(module, x, weight, args, kwargs, config, path, dropout_key)
+    return config.scale * make(module, x, weight, args, kwargs, config, path, dropout_key)
 
 
 def _params(module, config, path, a_shape, b_shape, fan_in, kind, dtype):

@@ -32,7 +32,7 @@ def _base_key(flat: dict, module: tuple[str, ...]) -> tuple[str, ...]:
 
 def _scaled_delta(a, b, weight, config: LoraConfig):
     delta = weight_delta(a.astype(jnp.float32), b.astype(jnp.float32), weight.shape)
-    return config.scale * delta
+    return config.scale_for(a.shape[-1]) * delta  # the layer's own rank (rank_pattern)
 
 
 def merge(params: Params, config: LoraConfig) -> dict:

@@ -33,9 +33,16 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Params, mask: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
-        """Optimizer state is initialised on the trainable partition only."""
-        trainable, _ = partition(params, mask)
-        return cls(step=jnp.zeros((), jnp.int32), params=dict(params), opt_state=optimizer.init(trainable), rng=rng)
+        """Optimizer state is initialised on the trainable partition only.
+
+        The trainable leaves are copied once here: the step donates them, and the caller's own
+        ``params`` (say, a pretrained tree reused for several runs) must stay valid. Frozen leaves
+        are shared, never copied.
+        """
+        trainable, frozen = partition(params, mask)
+        trainable = jax.tree.map(jnp.copy, trainable)
+        return cls(step=jnp.zeros((), jnp.int32), params=combine(trainable, frozen),
+                   opt_state=optimizer.init(trainable), rng=rng)
 
 
 class TrainStep:

@@ -78,7 +78,7 @@ class LoraModule(nn.Module):
             if config.dropout > 0 and module.scope.has_rng(config.dropout_rng):
                 key = module.scope.make_rng(config.dropout_rng)
             update = lora_update(module, kind, args, kwargs, config, path, key)
-            return out + (config.scale * update).astype(out.dtype)
+            return out + update.astype(out.dtype)
 
         return interceptor
 

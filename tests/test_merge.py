@@ -67,3 +67,21 @@ def test_merge_on_transformer_block_with_tight_tolerance():
     params = randomize_lora(model.init(jax.random.key(1), x)["params"])
     chex.assert_trees_all_close(TinyTransformerBlock().apply({"params": lora_jax.merge(params, config)}, x),
                                 model.apply({"params": params}, x), atol=1e-5)
+
+
+def test_rank_pattern_gives_per_layer_rank_and_scale():
+    from lora_jax.models import MLP
+
+    x = jax.random.normal(jax.random.key(0), (4, 12))
+    config = LoraConfig(rank=6, alpha=12, targets=("fc1", "fc2"), rank_pattern={"fc2": 3})
+    model = lora_jax.lora(MLP((8, 3)), config)
+    params = randomize_lora(model.init(jax.random.key(1), x)["params"])
+    assert params["fc1"]["lora_A"].shape == (12, 6) and params["fc2"]["lora_A"].shape == (8, 3)
+    p2 = params["fc2"]
+    h = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])[1]
+    fc2_in = h["intermediates"]["fc1"]["__call__"][0]
+    expected = jax.nn.relu(fc2_in) @ p2["kernel"] + p2["bias"] + (12 / 3) * jax.nn.relu(fc2_in) @ p2["lora_A"] @ p2["lora_B"]
+    chex.assert_trees_all_close(model.apply({"params": params}, x), expected, atol=1e-5)
+    chex.assert_trees_all_close(MLP((8, 3)).apply({"params": lora_jax.merge(params, config)}, x),
+                                model.apply({"params": params}, x), atol=1e-5)
+    assert LoraConfig.from_json(config.to_json()) == config

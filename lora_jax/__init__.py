@@ -6,11 +6,15 @@
     mask = trainable_mask(params, config)
     step = make_train_step(loss_fn, optax.adamw(1e-3), mask)
     merged = merge(params, config)                   # params for the untransformed base model
+    save_adapter("adapters/task_a", params, config)  # kilobytes: only the trainable leaves
 """
 
+from .adapters import Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, extract_adapter
+from .checkpoint import TrainCheckpointer, base_fingerprint, load_adapter, save_adapter
 from .config import LoraConfig
 from .masking import combine, lora_leaves, partition, trainable_mask
 from .merge import merge, unmerge
+from .peft_io import export_peft, import_peft
 from .summary import count_parameters, print_trainable_parameters, trainable_summary
 from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
 from .transform import LoraModule, init_lora_params, lora
@@ -18,6 +22,17 @@ from .transform import LoraModule, init_lora_params, lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
+    "TrainCheckpointer",
+    "add_weighted_adapter",
+    "apply_adapter",
+    "base_fingerprint",
+    "check_adapter_fits",
+    "export_peft",
+    "extract_adapter",
+    "import_peft",
+    "load_adapter",
+    "save_adapter",
     "LoraConfig",
     "LoraModule",
     "TrainState",

@@ -1,0 +1,134 @@
+"""Adapters as values: the trainable subtree + its config, applied onto any compatible base.
+
+One frozen base serves many adapters: ``apply_adapter(base_params, adapter)`` builds the param tree
+for one of them without copying the base, and ``add_weighted_adapter`` combines several (PEFT's
+``add_weighted_adapter``, 'linear' and 'cat').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from .config import LoraConfig
+from .layers import weight_delta
+from .masking import LORA_LEAVES, partition, trainable_mask
+from .targets import path_str
+
+Params = Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class Adapter:
+    """The trainable leaves of a LoRA model (lora_A/lora_B, plus modules_to_save and biases),
+    its config, and free-form metadata (base model name, lora_jax version, ...)."""
+
+    params: dict
+    config: LoraConfig
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def extract_adapter(params: Params, config: LoraConfig, metadata: dict | None = None) -> Adapter:
+    """The adapter of a full LoRA param tree: its trainable partition under ``config``."""
+    trainable, _ = partition(params, trainable_mask(params, config))
+    return Adapter(trainable, config, dict(metadata or {}))
+
+
+def _base_leaf(flat_base: dict, module: tuple[str, ...]) -> tuple[str, ...]:
+    for name in ("kernel", "embedding"):
+        if module + (name,) in flat_base:
+            return module + (name,)
+    raise ValueError(f"the adapter has LoRA leaves at '{path_str(module)}', but the base has no kernel or "
+                     f"embedding there")
+
+
+def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
+    """Raise ValueError naming the leaf and both shapes if the adapter cannot sit on this base."""
+    flat_base = traverse_util.flatten_dict(dict(base_params))
+    flat = traverse_util.flatten_dict(dict(adapter_params))
+    for key, value in flat.items():
+        module, leaf = key[:-1], key[-1]
+        if leaf in LORA_LEAVES:
+            weight = flat_base[_base_leaf(flat_base, module)]
+            other = flat.get(module + ("lora_B" if leaf == "lora_A" else "lora_A",))
+            if other is None:
+                raise ValueError(f"adapter leaf '{path_str(key)}' has no partner lora_A/lora_B")
+            a, b = (value, other) if leaf == "lora_A" else (other, value)
+            try:
+                jax.eval_shape(functools.partial(weight_delta, shape=tuple(weight.shape)), a, b)
+            except (TypeError, ValueError):
+                raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)} (lora_A "
+                                 f"{tuple(a.shape)}, lora_B {tuple(b.shape)}), which does not fit the base leaf "
+                                 f"'{path_str(_base_leaf(flat_base, module))}' of shape {tuple(weight.shape)}") from None
+        elif key not in flat_base:
+            if any(k[:-1] == module for k in flat_base):  # a whole new module (a head) is fine; a stray leaf is not
+                raise ValueError(f"adapter leaf '{path_str(key)}' has no counterpart in the base module "
+                                 f"'{path_str(module)}'")
+        elif tuple(flat_base[key].shape) != tuple(value.shape):
+            raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)}, but the base leaf has "
+                             f"shape {tuple(flat_base[key].shape)}")
+
+
+def apply_adapter(base_params: Params, adapter: Adapter | Params) -> dict:
+    """Base params + adapter -> the LoRA model's param tree (adapter leaves win; base is not copied)."""
+    adapter_params = adapter.params if isinstance(adapter, Adapter) else adapter
+    check_adapter_fits(base_params, adapter_params)
+    flat = traverse_util.flatten_dict(dict(base_params))
+    flat.update(traverse_util.flatten_dict(dict(adapter_params)))
+    return traverse_util.unflatten_dict(flat)
+
+
+def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], combination_type: str = "linear",
+                         base_params: Params | None = None) -> Adapter:
+    """Combine adapters into one, as PEFT's ``add_weighted_adapter`` does.
+
+    'cat' is exact: each layer's update is sum_i w_i · scale_i · A_i B_i (ranks add up; needs
+    ``base_params`` to find each layer's rank axis). 'linear' (equal ranks) sums the factors:
+    A = sum_i sign_i sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i, which has cross terms
+    A_i B_j. The result has alpha = rank (scale 1), like PEFT's. Only LoRA leaves are combined.
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+    if combination_type not in ("linear", "cat"):
+        raise ValueError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
+    flats = [traverse_util.flatten_dict(dict(a.params)) for a in adapters]
+    modules = sorted({k[:-1] for f in flats for k in f if k[-1] == "lora_A"})
+    for module in modules:
+        if any(module + ("lora_A",) not in f for f in flats):
+            raise ValueError(f"layer '{path_str(module)}' is adapted by some adapters but not all")
+    out: dict[tuple[str, ...], Any] = {}
+    ranks = set()
+    for module in modules:
+        a_list = [f[module + ("lora_A",)] for f in flats]
+        b_list = [f[module + ("lora_B",)] for f in flats]
+        scales = [ad.config.scale_for(a.shape[-1]) * w for ad, a, w in zip(adapters, a_list, weights)]
+        if combination_type == "linear":
+            if len({a.shape for a in a_list}) != 1:
+                raise ValueError(f"'linear' needs equal ranks; layer '{path_str(module)}' has "
+                                 f"{[a.shape[-1] for a in a_list]} (use 'cat')")
+            a_new = sum(math.copysign(math.sqrt(abs(s)), s) * a for s, a in zip(scales, a_list))
+            b_new = sum(math.sqrt(abs(s)) * b for s, b in zip(scales, b_list))
+        else:
+            if base_params is None:
+                raise ValueError("'cat' needs base_params to know each layer's kernel layout")
+            flat_base = traverse_util.flatten_dict(dict(base_params))
+            weight = flat_base[_base_leaf(flat_base, module)]
+            b_axis = -1 if a_list[0].ndim == weight.ndim + 1 else -2  # broadcast (Einsum) layout keeps r last
+            a_new = jnp.concatenate([s * a for s, a in zip(scales, a_list)], axis=-1)
+            b_new = jnp.concatenate(b_list, axis=b_axis)
+        out[module + ("lora_A",)], out[module + ("lora_B",)] = a_new, b_new
+        ranks.add(a_new.shape[-1])
+    if len(ranks) != 1:
+        raise ValueError(f"combined layers have different ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    targets = tuple(dict.fromkeys(path_str(m) for m in modules))
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=targets, dropout=adapters[0].config.dropout,
+                        dropout_rng=adapters[0].config.dropout_rng)
+    return Adapter(traverse_util.unflatten_dict(out), config,
+                   {"combination_type": combination_type, "weights": list(map(float, weights))})

@@ -1,0 +1,183 @@
+"""Hugging Face PEFT interop: export a lora_jax adapter as a PEFT LoRA folder, and import one.
+
+Layout of a PEFT folder: ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<torch module path>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r);
+embeddings use ``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (features, r); convs
+``lora_A.weight`` (r, in, kh, kw) / ``lora_B.weight`` (out, r, 1, 1); modules_to_save leaves are
+stored under their plain names. Our module paths are the torch paths with '/' for '.'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from .adapters import Adapter, extract_adapter
+from .config import LoraConfig
+from .targets import REGEX_PREFIX
+
+Params = Mapping[str, Any]
+PREFIX = "base_model.model."
+_UNSUPPORTED_FLAGS = ("use_dora", "use_qalora", "use_bdlora", "lora_bias", "fan_in_fan_out")
+
+
+def _module_name(module: tuple[str, ...]) -> str:
+    return ".".join(module)
+
+
+def _kind(flat: dict, module: tuple[str, ...], a: np.ndarray) -> str:
+    if module + ("embedding",) in flat:
+        return "embed"
+    kernel = flat.get(module + ("kernel",))
+    if kernel is None:
+        raise ValueError(f"'{_module_name(module)}' has LoRA leaves but no kernel or embedding")
+    if a.ndim == 2 and kernel.ndim == 2:
+        return "linear"
+    if a.ndim == kernel.ndim == 4:
+        return "conv"
+    raise ValueError(f"layer '{_module_name(module)}' (kernel {kernel.shape}, lora_A {a.shape}) has no PEFT "
+                     f"equivalent: only Dense, 2-D Conv and Embed layers export")
+
+
+def _to_torch(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """A modules_to_save leaf -> (torch parameter name, array in torch orientation)."""
+    if leaf == "kernel":
+        return "weight", value.T if value.ndim == 2 else np.transpose(value, (3, 2, 0, 1))
+    return {"embedding": "weight", "scale": "weight"}.get(leaf, leaf), value
+
+
+def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_model_name_or_path: str | None = None,
+                task_type: str | None = None) -> Path:
+    """Write ``params``' adapter as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
+
+    ``params`` is the full LoRA param tree (the base leaves tell layer kinds apart); its paths must
+    be the torch model's module paths (true for ``lora_jax.models``). ``task_type`` e.g. 'SEQ_CLS'.
+    """
+    from safetensors.numpy import save_file
+
+    if config.bias != "none":
+        raise ValueError(f"export_peft supports bias='none' only, got bias={config.bias!r}")
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+    adapter = traverse_util.flatten_dict(extract_adapter(params, config).params)
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for key in adapter:
+        module, leaf = key[:-1], key[-1]
+        name = PREFIX + _module_name(module)
+        if leaf == "lora_A":
+            a, b = flat[key], flat[module + ("lora_B",)]
+            kind = _kind(flat, module, a)
+            ranks[_module_name(module)] = a.shape[-1]
+            if kind == "embed":
+                tensors[name + ".lora_embedding_A"], tensors[name + ".lora_embedding_B"] = a.T, b.T
+            elif kind == "linear":
+                tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"] = a.T, b.T
+            else:
+                tensors[name + ".lora_A.weight"] = np.transpose(a, (3, 2, 0, 1))
+                tensors[name + ".lora_B.weight"] = np.transpose(b, (3, 2, 0, 1))
+        elif leaf != "lora_B":
+            torch_leaf, value = _to_torch(leaf, flat[key])
+            tensors[f"{name}.{torch_leaf}"] = value
+    plain = all(not t.startswith(REGEX_PREFIX) for t in config.targets) and not config.exclude
+    adapter_config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none",
+        "use_rslora": config.rslora, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        "inference_mode": True,
+        "target_modules": [t.replace("/", ".") for t in config.targets] if plain else sorted(ranks),
+        "modules_to_save": [m.replace("/", ".") for m in config.modules_to_save] or None,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != config.rank}, "alpha_pattern": {},
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".adapter_model.safetensors.tmp-{uuid.uuid4().hex[:8]}"
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return directory
+
+
+def _read_peft_config(directory: Path) -> dict:
+    path = directory / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has no adapter_config.json")
+    data = json.loads(path.read_text())
+    if data.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{directory} holds a PEFT {data.get('peft_type')} adapter; only LORA is supported")
+    enabled = [flag for flag in _UNSUPPORTED_FLAGS if data.get(flag)]
+    if enabled:
+        raise ValueError(f"{directory}: PEFT option(s) {enabled} (e.g. DoRA) are not supported by lora_jax")
+    for option in ("alpha_pattern", "layers_to_transform", "layer_replication", "target_parameters"):
+        if data.get(option):
+            raise ValueError(f"{directory}: PEFT option {option}={data[option]!r} is not supported by lora_jax")
+    return data
+
+
+def _config_from_peft(data: dict) -> LoraConfig:
+    targets = data.get("target_modules") or ()
+    targets = (REGEX_PREFIX + targets,) if isinstance(targets, str) else tuple(targets)
+    exclude = data.get("exclude_modules") or ()
+    exclude = (REGEX_PREFIX + exclude,) if isinstance(exclude, str) else tuple(exclude)
+    saved = tuple(dict.fromkeys(data.get("modules_to_save") or ()))
+    return LoraConfig(rank=int(data["r"]), alpha=float(data["lora_alpha"]), targets=targets, exclude=exclude,
+                      dropout=float(data.get("lora_dropout") or 0.0), rslora=bool(data.get("use_rslora")),
+                      bias=data.get("bias", "none"), modules_to_save=saved,
+                      rank_pattern={k: int(v) for k, v in (data.get("rank_pattern") or {}).items()})
+
+
+def import_peft(directory: str | Path, base_params: Params | None = None) -> Adapter:
+    """Read a PEFT LoRA folder (ours or PEFT's own) into an Adapter (params in our layout + LoraConfig).
+
+    ``base_params`` (the model's param tree) resolves modules_to_save leaves exactly (kernel vs
+    embedding vs LayerNorm scale); without it, 2-D ``weight`` is read as a Dense kernel and 1-D as a
+    LayerNorm scale. Modules the model does not have are named in the error of ``apply_adapter``.
+    """
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    data = _read_peft_config(directory)
+    config = _config_from_peft(data)
+    weights = directory / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{directory} has no adapter_model.safetensors")
+    flat_base = traverse_util.flatten_dict(dict(base_params)) if base_params is not None else None
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    for name, value in load_file(str(weights)).items():
+        if not name.startswith(PREFIX):
+            raise ValueError(f"unexpected key {name!r} in {weights} (expected the '{PREFIX}' prefix)")
+        parts = name[len(PREFIX):].split(".")
+        if parts[-2:] in (["lora_A", "weight"], ["lora_B", "weight"]):
+            leaf = parts[-2]
+            module = tuple(parts[:-2])
+            out[module + (leaf,)] = value.T if value.ndim == 2 else np.transpose(value, (2, 3, 1, 0))
+        elif parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+            out[tuple(parts[:-1]) + ("lora_" + parts[-1][-1],)] = value.T
+        else:
+            module = tuple(parts[:-1])
+            out[module + _our_leaf(module, parts[-1], value, flat_base)] = _from_torch(module, parts[-1], value,
+                                                                                        flat_base)
+    meta = {"peft_task_type": data.get("task_type"), "base_model": data.get("base_model_name_or_path"),
+            "source": str(directory)}
+    return Adapter(traverse_util.unflatten_dict({k: np.asarray(v) for k, v in out.items()}), config, meta)
+
+
+def _our_leaf(module, torch_leaf, value, flat_base) -> tuple[str]:
+    if torch_leaf != "weight":
+        return (torch_leaf,)
+    if flat_base is not None:
+        for leaf in ("kernel", "embedding", "scale"):
+            if module + (leaf,) in flat_base:
+                return (leaf,)
+    return ("kernel",) if value.ndim >= 2 else ("scale",)
+
+
+def _from_torch(module, torch_leaf, value, flat_base):
+    if _our_leaf(module, torch_leaf, value, flat_base) != ("kernel",):
+        return value
+    return value.T if value.ndim == 2 else np.transpose(value, (2, 3, 1, 0))

@@ -216,6 +216,11 @@ def _backbone_name(config: BertConfig) -> str:
     return "roberta" if config.model_type == "roberta" else "bert"
 
 
+def _backbone(config: BertConfig, pooler: bool, *inputs):
+    """The encoder under the name transformers uses ('bert' / 'roberta'); call inside a compact method."""
+    return BertModel(config, add_pooling_layer=pooler, name=_backbone_name(config))(*inputs)
+
+
 def _classifier_dropout(config: BertConfig) -> float:
     return config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
 
@@ -244,8 +249,7 @@ class BertForSequenceClassification(nn.Module):
                  deterministic: bool = True):
         c = self.config
         is_roberta = c.model_type == "roberta"
-        h, pooled = BertModel(c, add_pooling_layer=not is_roberta, name=_backbone_name(c))(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        h, pooled = _backbone(c, not is_roberta, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         if is_roberta:
             return RobertaClassificationHead(c, name="classifier")(h, deterministic)
         x = nn.Dropout(_classifier_dropout(c))(pooled, deterministic=deterministic)
@@ -261,8 +265,7 @@ class BertForTokenClassification(nn.Module):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  deterministic: bool = True):
         c = self.config
-        h, _ = BertModel(c, add_pooling_layer=False, name=_backbone_name(c))(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        h, _ = _backbone(c, False, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         h = nn.Dropout(_classifier_dropout(c))(h, deterministic=deterministic)
         return _dense(c.num_labels, "classifier")(h)
 
@@ -276,8 +279,7 @@ class BertForQuestionAnswering(nn.Module):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  deterministic: bool = True):
         c = self.config
-        h, _ = BertModel(c, add_pooling_layer=False, name=_backbone_name(c))(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        h, _ = _backbone(c, False, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         logits = _dense(2, "qa_outputs")(h)
         return logits[..., 0], logits[..., 1]
 

@@ -1,0 +1,354 @@
+"""LoRA-BERT for aspect-based sentiment (SemEval-2014 Task 4), against full fine-tuning.
+
+Input is the sentence pair ``[CLS] sentence [SEP] aspect [SEP]`` (BERT-SPC); the label is the
+sentiment toward that aspect (negative / neutral / positive).
+
+    python -m experiments.bert_absa train --data-dir DIR                 # LoRA r=8 on query+value
+    python -m experiments.bert_absa train --data-dir DIR --full-finetune # the baseline
+    python -m experiments.bert_absa train --data-dir DIR --compare       # both, one table
+    python -m experiments.bert_absa predict --adapter runs/bert_absa/<run>/adapter \\
+        "The battery life is amazing but the camera is terrible." --aspect "battery life" --aspect camera
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import lora_jax
+from lora_jax.data.semeval import LABELS, AspectExample, load_semeval
+from lora_jax.models import PACKAGED_MINILM, from_pretrained
+
+from .common import output_dir, print_table, write_json
+
+TARGET_PRESETS = {
+    "qv": ("query", "value"),
+    "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def encode(examples: Sequence[AspectExample] | Sequence[tuple[str, str]], tokenizer, max_len: int) -> list[dict]:
+    """Tokenise (sentence, aspect) pairs as BERT-SPC; returns unpadded id lists per example."""
+    pairs = [(e.sentence, e.aspect) if isinstance(e, AspectExample) else e for e in examples]
+    enc = tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation="only_first", max_length=max_len)
+    types = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
+    labels = [e.label if isinstance(e, AspectExample) else -1 for e in examples]
+    return [{"ids": ids, "types": t, "label": y} for ids, t, y in zip(enc["input_ids"], types, labels)]
+
+
+def bucket_length(n: int, max_len: int) -> int:
+    return next((b for b in BUCKETS if b >= n and b <= max_len), max_len)
+
+
+def batches(encoded: list[dict], batch_size: int, max_len: int, pad_id: int,
+            rng: np.random.RandomState | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size batches, each padded to its length bucket, so jit sees a handful of shapes.
+    Short batches are filled with weight-0 rows."""
+    by_bucket: dict[int, list[int]] = {}
+    for i, e in enumerate(encoded):
+        by_bucket.setdefault(bucket_length(len(e["ids"]), max_len), []).append(i)
+    chunks = []
+    for length, idx in sorted(by_bucket.items()):
+        idx = list(rng.permutation(idx)) if rng is not None else idx
+        chunks += [(length, idx[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
+    order = rng.permutation(len(chunks)) if rng is not None else range(len(chunks))
+    for c in order:
+        length, idx = chunks[c]
+        ids = np.full((batch_size, length), pad_id, np.int32)
+        types = np.zeros((batch_size, length), np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        labels = np.zeros(batch_size, np.int32)
+        weight = np.zeros(batch_size, np.float32)
+        for row, i in enumerate(idx):
+            e = encoded[i]
+            n = len(e["ids"])
+            ids[row, :n], types[row, :n], mask[row, :n] = e["ids"], e["types"], 1
+            labels[row], weight[row] = max(e["label"], 0), 1.0
+        yield {"ids": ids, "types": types, "mask": mask, "labels": labels, "weight": weight, "index": np.array(
+            idx + [-1] * (batch_size - len(idx)))}
+
+
+def dev_split(examples: list[AspectExample], fraction: float, seed: int) -> tuple[list, list]:
+    """Stratified train/dev split of the training file."""
+    rng = np.random.RandomState(seed)
+    dev_idx: set[int] = set()
+    for label in range(len(LABELS)):
+        idx = [i for i, e in enumerate(examples) if e.label == label]
+        dev_idx.update(rng.permutation(idx)[: int(round(fraction * len(idx)))].tolist())
+    return ([e for i, e in enumerate(examples) if i not in dev_idx], [e for i, e in enumerate(examples) if i in dev_idx])
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def classification_report(labels: np.ndarray, predictions: np.ndarray, n: int = len(LABELS)) -> dict[str, Any]:
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros(n), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros(n), where=confusion.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0)
+    return {"accuracy": float(tp.sum() / max(1, confusion.sum())), "macro_f1": float(f1.mean()),
+            "per_class_f1": dict(zip(LABELS, f1.round(4).tolist())), "confusion": confusion.tolist()}
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def make_model(args, with_tokenizer: bool = True):
+    model, params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS), with_tokenizer=with_tokenizer,
+                                               rng=jax.random.key(args.seed))
+    return model, params, tokenizer
+
+
+def lora_config(args, params: dict) -> lora_jax.LoraConfig:
+    """LoRA on ``--targets``; the classifier (and, with --train-pooler, BERT's pooler) trains in full.
+
+    PEFT's SEQ_CLS default trains only the classifier; RoBERTa's classifier has its own dense layer,
+    while BERT's head relies on the frozen pooler unless it is trained too.
+    """
+    targets = TARGET_PRESETS.get(args.targets, tuple(t.strip() for t in args.targets.split(",")))
+    has_pooler = any("pooler" in sub for sub in params.values() if isinstance(sub, dict))
+    head = ("classifier", "pooler") if has_pooler and args.train_pooler else ("classifier",)
+    return lora_jax.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.lora_dropout,
+                               modules_to_save=head)
+
+
+def train_one(args, mode: str, data: dict[str, list[AspectExample]], out: Path) -> dict[str, Any]:
+    """Train one mode ('lora' or 'full'), early-stopped on dev; evaluate on test; save the adapter."""
+    model, base_params, tokenizer = make_model(args)
+    pad_id = tokenizer.pad_token_id or 0
+    train, dev = dev_split(data["train"], args.dev_fraction, args.seed)
+    enc = {name: encode(split, tokenizer, args.max_len) for name, split in
+           (("train", train), ("dev", dev), ("test", data["test"]))}
+    if mode == "lora":
+        config = lora_config(args, base_params)
+        net = lora_jax.lora(model, config)
+        params = lora_jax.init_lora_params(net, base_params, jax.random.key(args.seed + 1), jnp.ones((1, 8), jnp.int32))
+        mask = lora_jax.trainable_mask(params, config)
+        lr = args.lr or 1e-3
+    else:
+        config, net, params = None, model, base_params
+        mask = jax.tree.map(lambda _: True, params)
+        lr = args.lr or 1e-4
+    trainable, total = lora_jax.count_parameters(params, mask)
+    encoder_key = next(k for k in params if k in ("bert", "roberta"))
+    encoder_trainable, encoder_total = lora_jax.count_parameters(params[encoder_key], mask[encoder_key])
+
+    steps_per_epoch = sum(1 for _ in batches(enc["train"], args.batch_size, args.max_len, pad_id))
+    total_steps = steps_per_epoch * args.epochs
+    warmup = max(1, int(args.warmup * total_steps))
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                     optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup))], [warmup])
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=args.weight_decay))
+
+    def loss_fn(p, batch, rng):
+        logits = net.apply({"params": p}, batch["ids"], batch["mask"], batch["types"], deterministic=False,
+                           rngs=lora_jax.dropout_rngs(rng, "dropout", "lora_dropout"))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return (losses * batch["weight"]).sum() / jnp.maximum(batch["weight"].sum(), 1.0)
+
+    predict = jax.jit(lambda p, b: net.apply({"params": p}, b["ids"], b["mask"], b["types"]))
+
+    def evaluate(p, encoded):
+        preds = np.zeros(len(encoded), np.int64)
+        for b in batches(encoded, args.eval_batch_size, args.max_len, pad_id):
+            logits = np.asarray(predict(p, {k: b[k] for k in ("ids", "mask", "types")}))
+            keep = b["index"] >= 0
+            preds[b["index"][keep]] = logits[keep].argmax(-1)
+        return classification_report(np.array([e["label"] for e in encoded]), preds)
+
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(args.seed + 2))
+    step = lora_jax.make_train_step(loss_fn, tx, mask)
+    rng = np.random.RandomState(args.seed)
+    history, best, best_trainable, bad_epochs = [], -1.0, None, 0
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        losses = []
+        bar = tqdm(batches(enc["train"], args.batch_size, args.max_len, pad_id, rng), total=steps_per_epoch,
+                   desc=f"{mode} epoch {epoch + 1}/{args.epochs}", leave=False)
+        for batch in bar:
+            state, metrics = step(state, {k: batch[k] for k in ("ids", "types", "mask", "labels", "weight")})
+            losses.append(float(metrics["loss"]))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        dev_report = evaluate(state.params, enc["dev"])
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_report["accuracy"],
+                        "dev_macro_f1": dev_report["macro_f1"], "elapsed_s": time.perf_counter() - start})
+        tqdm.write(f"{mode:>4} epoch {epoch + 1}: train loss {np.mean(losses):.4f}  dev acc {dev_report['accuracy']:.4f}"
+                   f"  dev macro-F1 {dev_report['macro_f1']:.4f}")
+        if dev_report["accuracy"] > best:
+            best, bad_epochs = dev_report["accuracy"], 0
+            best_trainable = jax.tree.map(np.array, lora_jax.partition(state.params, mask)[0])
+        else:
+            bad_epochs += 1
+            if bad_epochs >= args.patience:
+                tqdm.write(f"early stop: dev accuracy has not improved for {args.patience} epoch(s)")
+                break
+    train_time = time.perf_counter() - start
+    final = lora_jax.combine(best_trainable, lora_jax.partition(state.params, mask)[1])
+    test_report = evaluate(final, enc["test"])
+
+    adapter_dir, adapter_bytes = None, None
+    if mode == "lora":
+        adapter_dir = lora_jax.save_adapter(out / "adapter", final, config, base_model=str(args.model),
+                                            metadata={"task": "aspect_sentiment", "labels": list(LABELS),
+                                                      "max_len": args.max_len})
+        adapter_bytes = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
+    return {"mode": mode, "lr": lr, "trainable_params": trainable, "total_params": total,
+            "encoder_trainable_params": encoder_trainable, "encoder_total_params": encoder_total,
+            "epochs_run": len(history), "train_time_s": train_time, "history": history,
+            "best_dev_accuracy": best, "test": test_report, "adapter_dir": str(adapter_dir) if adapter_dir else None,
+            "adapter_bytes": adapter_bytes, "lora_config": config.to_dict() if config else None}
+
+
+# ----------------------------------------------------------------------------------- plots
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in runs:
+        epochs = [h["epoch"] for h in run["history"]]
+        ax1.plot(epochs, [h["train_loss"] for h in run["history"]], "o-", label=run["mode"])
+        ax2.plot(epochs, [h["dev_accuracy"] for h in run["history"]], "o-", label=run["mode"])
+    ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    ax2.set(xlabel="epoch", ylabel="dev accuracy", title="dev accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        confusion = np.array(run["test"]["confusion"])
+        ax.imshow(confusion, cmap="Blues")
+        for (i, j), v in np.ndenumerate(confusion):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > confusion.max() / 2 else "black")
+        ax.set_xticks(range(len(LABELS)), LABELS)
+        ax.set_yticks(range(len(LABELS)), LABELS)
+        ax.set(xlabel="predicted", ylabel="true", title=f"{run['mode']}: test confusion")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> dict[str, Any]:
+    out = output_dir(args.out, "bert_absa")
+    data = load_semeval(args.domain, args.data_dir, keep_conflict=args.keep_conflict)
+    if args.limit:
+        data = {k: v[: args.limit] for k, v in data.items()}
+    print(f"{len(data['train']):,} train (of which {args.dev_fraction:.0%} held out as dev), {len(data['test']):,} test")
+    modes = ["lora", "full"] if args.compare else ["full" if args.full_finetune else "lora"]
+    runs = [train_one(args, mode, data, out) for mode in modes]
+    rows = [[r["mode"], r["trainable_params"], 100.0 * r["trainable_params"] / r["total_params"],
+             100.0 * r["encoder_trainable_params"] / r["encoder_total_params"], r["test"]["accuracy"],
+             r["test"]["macro_f1"], r["train_time_s"], r["epochs_run"], r["adapter_bytes"] or "-"] for r in runs]
+    columns = ["mode", "trainable params", "trainable %", "encoder trainable %", "test acc", "test macro-F1",
+               "train time (s)", "epochs", "adapter bytes"]
+    report = {"args": vars(args), "runs": runs,
+              "table_markdown": print_table(f"SemEval-2014 {args.domain}, {args.model}", columns, rows)}
+    for r in runs:
+        print(f"{r['mode']}: per-class test F1 {r['test']['per_class_f1']}")
+    write_json(out / "results.json", report)
+    plot_curves(runs, out / "training_curves.png")
+    plot_confusion(runs, out / "confusion_matrix.png")
+    print(f"results: {out / 'results.json'}")
+    if any(r["adapter_dir"] for r in runs):
+        print(f"adapter: {next(r['adapter_dir'] for r in runs if r['adapter_dir'])}")
+    return report
+
+
+def cmd_predict(args) -> list[dict[str, Any]]:
+    adapter_meta = lora_jax.load_adapter(args.adapter).metadata
+    base = adapter_meta.get("base_model") or PACKAGED_MINILM
+    model, base_params, tokenizer = from_pretrained(base, num_labels=len(LABELS))
+    adapter = lora_jax.load_adapter(args.adapter, base_params=base_params)
+    params = lora_jax.apply_adapter(base_params, adapter)
+    net = lora_jax.lora(model, adapter.config)
+    encoded = encode([(args.sentence, a) for a in args.aspect], tokenizer, adapter_meta.get("max_len", 128))
+    b = next(batches(encoded, len(encoded), 512, tokenizer.pad_token_id or 0))
+    probs = np.asarray(jax.nn.softmax(net.apply({"params": params}, b["ids"], b["mask"], b["types"]), -1))
+    labels = adapter_meta.get("labels", list(LABELS))
+    results = []
+    print(f"sentence: {args.sentence}")
+    for aspect, p in zip(args.aspect, probs):
+        results.append({"aspect": aspect, "sentiment": labels[int(p.argmax())],
+                        "probabilities": dict(zip(labels, p.round(4).tolist()))})
+        print(f"  {aspect:<24} {labels[int(p.argmax())]:<9} " + "  ".join(f"{l} {v:.3f}" for l, v in zip(labels, p)))
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "predict", "-h", "--help"):
+        argv.insert(0, "train")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train LoRA (default) or full fine-tuning and evaluate on the test split")
+    t.add_argument("--data-dir", default=None, help="folder with the SemEval-2014 files (.xml.seg or official XML)")
+    t.add_argument("--domain", default="laptops", choices=("laptops", "restaurants"))
+    t.add_argument("--keep-conflict", action="store_true", help="keep 'conflict' aspects (official XML only)")
+    t.add_argument("--model", default=PACKAGED_MINILM, help="BERT/RoBERTa hub id or folder (default: packaged MiniLM)")
+    t.add_argument("--full-finetune", action="store_true", help="train every parameter (the baseline)")
+    t.add_argument("--compare", action="store_true", help="run LoRA and full fine-tuning, one summary table")
+    t.add_argument("--targets", default="qv", help="'qv', 'all', or comma-separated layer names")
+    t.add_argument("--train-pooler", action="store_true", help="LoRA mode: also train BERT's pooler in full "
+                   "(PEFT's SEQ_CLS default trains only the classifier)")
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--lora-dropout", type=float, default=0.1)
+    t.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 LoRA, 1e-4 full)")
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of all steps")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--patience", type=int, default=2, help="early stop after this many epochs without dev gain")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--eval-batch-size", type=int, default=64)
+    t.add_argument("--max-len", type=int, default=128)
+    t.add_argument("--dev-fraction", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split (smoke runs)")
+    t.add_argument("--out", default=None, help="output folder (default runs/bert_absa/<timestamp>)")
+    p = sub.add_parser("predict", help="per-aspect sentiment with a saved adapter")
+    p.add_argument("--adapter", required=True, help="adapter folder written by train")
+    p.add_argument("sentence")
+    p.add_argument("--aspect", action="append", required=True, help="an aspect term (repeat for several)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    return cmd_train(args) if args.command == "train" else cmd_predict(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""SemEval-2014 loader, BERT-SPC batching, and a seconds-scale run of the whole ABSA pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lora_jax.data import semeval
+from lora_jax.data.semeval import AspectExample, load_semeval, read_seg, read_xml
+from tests.conftest import SHARED_DATA
+
+SEMEVAL = SHARED_DATA / "semeval14"
+
+XML = """<?xml version="1.0" encoding="UTF-8"?>
+<sentences>
+  <sentence id="1"><text>The battery life is amazing but the camera is terrible.</text>
+    <aspectTerms>
+      <aspectTerm term="battery life" polarity="positive" from="4" to="16"/>
+      <aspectTerm term="camera" polarity="negative" from="36" to="42"/>
+    </aspectTerms></sentence>
+  <sentence id="2"><text>Screen is fine, speakers are so-so.</text>
+    <aspectTerms><aspectTerm term="Screen" polarity="conflict" from="0" to="6"/>
+    <aspectTerm term="speakers" polarity="neutral" from="16" to="24"/></aspectTerms></sentence>
+  <sentence id="3"><text>No aspects here.</text></sentence>
+</sentences>
+"""
+
+
+@pytest.mark.skipif(not SEMEVAL.exists(), reason="shared SemEval data not present")
+def test_shared_laptops_split_loads_with_expected_counts():
+    data = load_semeval("laptops", SEMEVAL, log=lambda *_: None)
+    assert len(data["train"]) == 2328 and len(data["test"]) == 638
+    assert np.bincount([e.label for e in data["train"]]).tolist() == [870, 464, 994]
+    first = data["train"][0]
+    assert first.aspect == "cord" and "$T$" not in first.sentence and "cord" in first.sentence and first.label == 1
+
+
+def test_official_xml_drops_conflict_unless_asked(tmp_path):
+    path = tmp_path / "Laptop_Train_v2.xml"
+    path.write_text(XML)
+    examples = read_xml(path)
+    assert [(e.aspect, e.label) for e in examples] == [("battery life", 2), ("camera", 0), ("speakers", 1)]
+    assert [e.label for e in read_xml(path, keep_conflict=True)] == [2, 0, 3, 1]
+
+
+def test_malformed_files_name_file_and_line(tmp_path):
+    seg = tmp_path / "Laptops_Train.xml.seg"
+    seg.write_text("good $T$ here\nscreen\n1\nbad sentence without placeholder\nscreen\n1\n")
+    with pytest.raises(ValueError, match=r"Laptops_Train\.xml\.seg:4: sentence has no \$T\$"):
+        read_seg(seg)
+    seg.write_text("good $T$ here\nscreen\n2\n")
+    with pytest.raises(ValueError, match=r"Laptops_Train\.xml\.seg:3: polarity must be -1, 0 or 1, got '2'"):
+        read_seg(seg)
+    seg.write_text("good $T$ here\nscreen\n")
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        read_seg(seg)
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<sentences>\n<sentence id='1'><text>x</text>\n</sentences>\n")
+    with pytest.raises(ValueError, match=r"bad\.xml:3: malformed XML"):
+        read_xml(bad)
+
+
+def test_missing_data_offline_names_files_and_flag(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"Laptops_Train\.xml\.seg.*--data-dir|--data-dir.*Laptops_Train"):
+        load_semeval("laptops", tmp_path)
+
+    def offline(*args, **kwargs):
+        raise OSError("could not download Laptops_Train.xml.seg:\n  mirror: URLError: no network")
+
+    monkeypatch.setattr(semeval, "fetch", offline)
+    with pytest.raises(FileNotFoundError, match=r"download failed \(mirror: URLError: no network\)\. Pass --data-dir"):
+        load_semeval("laptops", cache_dir=tmp_path / "cache")
+
+
+def test_bucketed_batches_have_few_shapes_and_cover_every_example():
+    from experiments.bert_absa import BUCKETS, batches
+
+    rng = np.random.RandomState(0)
+    encoded = [{"ids": [1] * n, "types": [0] * n, "label": n % 3} for n in rng.randint(5, 120, size=203)]
+    seen, shapes = [], set()
+    for b in batches(encoded, 16, 128, 0, np.random.RandomState(1)):
+        shapes.add(b["ids"].shape)
+        real = b["index"] >= 0
+        assert b["weight"].tolist() == real.astype(float).tolist()
+        seen += b["index"][real].tolist()
+        for row, i in zip(b["mask"][real], b["index"][real]):
+            assert row.sum() == len(encoded[i]["ids"])
+    assert sorted(seen) == list(range(203))
+    assert all(s[0] == 16 and s[1] in BUCKETS for s in shapes) and len(shapes) <= 5
+
+
+def _write_tiny_semeval(folder, n=48):
+    words = {0: "terrible", 1: "okay", 2: "wonderful"}
+    aspects = ["battery", "screen", "keyboard", "price"]
+    for name, count in (("Laptops_Train.xml.seg", n), ("Laptops_Test_Gold.xml.seg", n // 2)):
+        lines = []
+        for i in range(count):
+            label = i % 3
+            lines += [f"the $T$ is {words[label]} .", aspects[i % 4], str(label - 1)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_pipeline_smoke_train_then_predict(tmp_path):
+    from experiments import bert_absa
+
+    _write_tiny_semeval(tmp_path)
+    args = ["train", "--data-dir", str(tmp_path), "--epochs", "2", "--batch-size", "8", "--eval-batch-size", "8",
+            "--max-len", "32", "--lr", "3e-3"]
+    report = bert_absa.main(args + ["--out", str(tmp_path / "run")])
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    run = saved["runs"][0]
+    assert run["mode"] == "lora" and run["trainable_params"] == 74_883
+    assert run["encoder_trainable_params"] / run["encoder_total_params"] < 0.01
+    assert set(run["test"]) >= {"accuracy", "macro_f1", "per_class_f1", "confusion"}
+    assert np.array(run["test"]["confusion"]).sum() == 24
+    for plot in ("training_curves.png", "confusion_matrix.png"):
+        assert (tmp_path / "run" / plot).stat().st_size > 1000
+    again = bert_absa.main(args + ["--out", str(tmp_path / "run2")])
+    assert again["runs"][0]["history"] == [{**h, "elapsed_s": a["elapsed_s"]} for h, a in
+                                           zip(report["runs"][0]["history"], again["runs"][0]["history"])]
+
+    results = bert_absa.main(["predict", "--adapter", run["adapter_dir"], "The battery is wonderful .",
+                              "--aspect", "battery", "--aspect", "screen"])
+    assert [r["aspect"] for r in results] == ["battery", "screen"]
+    for r in results:
+        assert set(r["probabilities"]) == {"negative", "neutral", "positive"}
+        assert abs(sum(r["probabilities"].values()) - 1.0) < 1e-3

@@ -1,0 +1,27 @@
+"""The benchmark harness runs end to end on a tiny input (figures are not asserted: timings are no test)."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_benchmark_harness_smoke(tmp_path):
+    from experiments import benchmark
+
+    peft_available = benchmark.torch_available()
+    args = ["--model", "minilm", "--batch", "2", "--seq", "16", "--steps", "1", "--no-scaling", "--out", str(tmp_path)]
+    report = benchmark.main(args + (["--peft"] if peft_available else []))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    result = saved["results"][0]
+    assert result["lora"]["flops"] < result["full"]["flops"]
+    assert result["lora"]["opt_state_bytes"] == 2 * 4 * result["lora"]["trainable_params"] + 4  # adam mu, nu + count
+    assert result["lora"]["trainable_params"] == 74_883
+    assert {"base_s", "lora_unmerged_s", "lora_merged_s"} <= set(result["forward"])
+    targets = {v["target"] for v in report["verdicts"]}
+    assert "merged forward / base forward (minilm)" in targets
+    if peft_available:
+        assert "lora_jax LoRA step / PEFT LoRA step (minilm)" in targets
+        assert result["peft_memory"]["peak_rss_bytes"] > 0
+    assert "| model | mode | step (s)" in (tmp_path / "benchmark.md").read_text()
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["jax"] and saved["machine"]["cpu"]

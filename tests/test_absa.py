@@ -61,8 +61,11 @@ def test_malformed_files_name_file_and_line(tmp_path):
 
 
 def test_missing_data_offline_names_files_and_flag(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"Laptops_Train\.xml\.seg.*--data-dir|--data-dir.*Laptops_Train"):
+    with pytest.raises(FileNotFoundError, match=r"does not hold the SemEval-2014 laptops files: expected "
+                                                r"Laptops_Train\.xml\.seg \+ Laptops_Test_Gold\.xml\.seg"):
         load_semeval("laptops", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"data not found: pass --data-dir DIR with Laptops_Train\.xml\.seg"):
+        load_semeval("laptops", cache_dir=tmp_path / "empty", download=False)
 
     def offline(*args, **kwargs):
         raise OSError("could not download Laptops_Train.xml.seg:\n  mirror: URLError: no network")

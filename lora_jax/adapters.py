@@ -19,6 +19,7 @@ from flax import traverse_util
 from .config import LoraConfig
 from .layers import weight_delta
 from .masking import LORA_LEAVES, partition, trainable_mask
+from .merge import base_leaf_key
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -40,14 +41,6 @@ def extract_adapter(params: Params, config: LoraConfig, metadata: dict | None = 
     return Adapter(trainable, config, dict(metadata or {}))
 
 
-def _base_leaf(flat_base: dict, module: tuple[str, ...]) -> tuple[str, ...]:
-    for name in ("kernel", "embedding"):
-        if module + (name,) in flat_base:
-            return module + (name,)
-    raise ValueError(f"the adapter has LoRA leaves at '{path_str(module)}', but the base has no kernel or "
-                     f"embedding there")
-
-
 def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
     """Raise ValueError naming the leaf and both shapes if the adapter cannot sit on this base."""
     flat_base = traverse_util.flatten_dict(dict(base_params))
@@ -55,7 +48,7 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
     for key, value in flat.items():
         module, leaf = key[:-1], key[-1]
         if leaf in LORA_LEAVES:
-            weight = flat_base[_base_leaf(flat_base, module)]
+            weight = flat_base[base_leaf_key(flat_base, module)]
             other = flat.get(module + ("lora_B" if leaf == "lora_A" else "lora_A",))
             if other is None:
                 raise ValueError(f"adapter leaf '{path_str(key)}' has no partner lora_A/lora_B")
@@ -65,7 +58,7 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
             except (TypeError, ValueError):
                 raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)} (lora_A "
                                  f"{tuple(a.shape)}, lora_B {tuple(b.shape)}), which does not fit the base leaf "
-                                 f"'{path_str(_base_leaf(flat_base, module))}' of shape {tuple(weight.shape)}") from None
+                                 f"'{path_str(base_leaf_key(flat_base, module))}' of shape {tuple(weight.shape)}") from None
         elif key not in flat_base:
             if any(k[:-1] == module for k in flat_base):  # a whole new module (a head) is fine; a stray leaf is not
                 raise ValueError(f"adapter leaf '{path_str(key)}' has no counterpart in the base module "
@@ -118,7 +111,7 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
             if base_params is None:
                 raise ValueError("'cat' needs base_params to know each layer's kernel layout")
             flat_base = traverse_util.flatten_dict(dict(base_params))
-            weight = flat_base[_base_leaf(flat_base, module)]
+            weight = flat_base[base_leaf_key(flat_base, module)]
             b_axis = -1 if a_list[0].ndim == weight.ndim + 1 else -2  # broadcast (Einsum) layout keeps r last
             a_new = jnp.concatenate([s * a for s, a in zip(scales, a_list)], axis=-1)
             b_new = jnp.concatenate(b_list, axis=b_axis)

@@ -20,6 +20,8 @@ which keeps any order of contracted and output axes in the kernel. ``weight_delt
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import string
 from typing import Any, Callable
@@ -252,9 +254,6 @@ def _embed(module, x, embedding, args, kwargs, config, path, key):
 
 
 # --------------------------------------------------------------------------- re-entrancy guard
-
-import contextlib
-import contextvars
 
 _INTERNAL = contextvars.ContextVar("lora_jax_internal_call", default=False)
 

@@ -23,11 +23,12 @@ def _modules_with_lora(flat: dict) -> list[tuple[str, ...]]:
     return sorted({k[:-1] for k in flat if k[-1] == "lora_A"})
 
 
-def _base_key(flat: dict, module: tuple[str, ...]) -> tuple[str, ...]:
+def base_leaf_key(flat: dict, module: tuple[str, ...]) -> tuple[str, ...]:
+    """The key of the weight a LoRA pair adapts at ``module`` (its kernel, or an Embed's embedding)."""
     for name in _BASE_LEAVES:
         if module + (name,) in flat:
             return module + (name,)
-    raise ValueError(f"module '{path_str(module)}' has LoRA leaves but no kernel or embedding to merge into")
+    raise ValueError(f"LoRA leaves at '{path_str(module)}' have no kernel or embedding to adapt there")
 
 
 def _scaled_delta(a, b, weight, config: LoraConfig):
@@ -42,7 +43,7 @@ def merge(params: Params, config: LoraConfig) -> dict:
     """
     flat = traverse_util.flatten_dict(dict(params))
     for module in _modules_with_lora(flat):
-        key = _base_key(flat, module)
+        key = base_leaf_key(flat, module)
         a, b = flat.pop(module + ("lora_A",)), flat.pop(module + ("lora_B",))
         w = flat[key]
         flat[key] = (w.astype(jnp.float32) + _scaled_delta(a, b, w, config)).astype(w.dtype)
@@ -60,7 +61,7 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
     for module in _modules_with_lora(flat_adapter):
         if module + ("lora_A",) in flat:
             raise ValueError(f"module '{path_str(module)}' already holds LoRA leaves: these params are not merged")
-        key = _base_key(flat, module)
+        key = base_leaf_key(flat, module)
         a, b = flat_adapter[module + ("lora_A",)], flat_adapter[module + ("lora_B",)]
         w = flat[key]
         flat[key] = (w.astype(jnp.float32) - _scaled_delta(a, b, w, config)).astype(w.dtype)

@@ -288,11 +288,11 @@ def cmd_train(args) -> dict[str, Any]:
 
 
 def cmd_predict(args) -> list[dict[str, Any]]:
-    adapter_meta = lora_jax.load_adapter(args.adapter).metadata
-    base = adapter_meta.get("base_model") or PACKAGED_MINILM
-    model, base_params, tokenizer = from_pretrained(base, num_labels=len(LABELS))
-    adapter = lora_jax.load_adapter(args.adapter, base_params=base_params)
-    params = lora_jax.apply_adapter(base_params, adapter)
+    adapter = lora_jax.load_adapter(args.adapter)
+    adapter_meta = adapter.metadata
+    model, base_params, tokenizer = from_pretrained(adapter_meta.get("base_model") or PACKAGED_MINILM,
+                                                    num_labels=len(LABELS))
+    params = lora_jax.apply_adapter(base_params, adapter)  # checks the adapter fits: names leaf and shapes
     net = lora_jax.lora(model, adapter.config)
     encoded = encode([(args.sentence, a) for a in args.aspect], tokenizer, adapter_meta.get("max_len", 128))
     b = next(batches(encoded, len(encoded), 512, tokenizer.pad_token_id or 0))

@@ -48,7 +48,8 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
     for key, value in flat.items():
         module, leaf = key[:-1], key[-1]
         if leaf in LORA_LEAVES:
-            weight = flat_base[base_leaf_key(flat_base, module)]
+            weight_key = base_leaf_key(flat_base, module)
+            weight = flat_base[weight_key]
             other = flat.get(module + ("lora_B" if leaf == "lora_A" else "lora_A",))
             if other is None:
                 raise ValueError(f"adapter leaf '{path_str(key)}' has no partner lora_A/lora_B")
@@ -58,7 +59,7 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
             except (TypeError, ValueError):
                 raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)} (lora_A "
                                  f"{tuple(a.shape)}, lora_B {tuple(b.shape)}), which does not fit the base leaf "
-                                 f"'{path_str(base_leaf_key(flat_base, module))}' of shape {tuple(weight.shape)}") from None
+                                 f"'{path_str(weight_key)}' of shape {tuple(weight.shape)}") from None
         elif key not in flat_base:
             if any(k[:-1] == module for k in flat_base):  # a whole new module (a head) is fine; a stray leaf is not
                 raise ValueError(f"adapter leaf '{path_str(key)}' has no counterpart in the base module "
@@ -95,6 +96,9 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     for module in modules:
         if any(module + ("lora_A",) not in f for f in flats):
             raise ValueError(f"layer '{path_str(module)}' is adapted by some adapters but not all")
+    if combination_type == "cat" and base_params is None:
+        raise ValueError("'cat' needs base_params to know each layer's kernel layout")
+    flat_base = traverse_util.flatten_dict(dict(base_params)) if base_params is not None else {}
     out: dict[tuple[str, ...], Any] = {}
     ranks = set()
     for module in modules:
@@ -108,9 +112,6 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
             a_new = sum(math.copysign(math.sqrt(abs(s)), s) * a for s, a in zip(scales, a_list))
             b_new = sum(math.sqrt(abs(s)) * b for s, b in zip(scales, b_list))
         else:
-            if base_params is None:
-                raise ValueError("'cat' needs base_params to know each layer's kernel layout")
-            flat_base = traverse_util.flatten_dict(dict(base_params))
             weight = flat_base[base_leaf_key(flat_base, module)]
             b_axis = -1 if a_list[0].ndim == weight.ndim + 1 else -2  # broadcast (Einsum) layout keeps r last
             a_new = jnp.concatenate([s * a for s, a in zip(scales, a_list)], axis=-1)

@@ -19,9 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from .adapters import Adapter, check_adapter_fits, extract_adapter
+from .adapters import Adapter, check_adapter_fits
 from .config import LoraConfig
-from .masking import combine, partition, trainable_mask
+from .masking import LORA_LEAVES, combine, partition, trainable_mask
 from .train import TrainState
 
 Params = Mapping[str, Any]
@@ -40,7 +40,7 @@ def base_fingerprint(params: Params, mask: Params | None = None) -> str:
     flat_mask = traverse_util.flatten_dict(dict(mask)) if mask is not None else {}
     digest = hashlib.sha256()
     for key in sorted(flat):
-        if flat_mask.get(key, False) or key[-1] in ("lora_A", "lora_B"):
+        if flat_mask.get(key, False) or key[-1] in LORA_LEAVES:
             continue
         value = np.asarray(flat[key])
         digest.update(f"{'/'.join(key)}:{value.shape}:{value.dtype};".encode())
@@ -57,7 +57,7 @@ def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_m
     """
     path = Path(path).absolute()
     mask = trainable_mask(params, config)
-    adapter = extract_adapter(params, config)
+    trainable, _ = partition(params, mask)
     meta = {"lora_jax_version": _version(), "base_model": base_model, **(metadata or {})}
     if fingerprint:
         meta["base_fingerprint"] = base_fingerprint(params, mask)
@@ -66,7 +66,7 @@ def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_m
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         checkpointer.save(tmp, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(adapter.params),
+            params=ocp.args.StandardSave(trainable),
             config=ocp.args.JsonSave(config.to_dict()),
             metadata=ocp.args.JsonSave(meta)))
         _replace_dir(tmp, path)

@@ -45,10 +45,20 @@ def _kind(flat: dict, module: tuple[str, ...], a: np.ndarray) -> str:
                      f"equivalent: only Dense, 2-D Conv and Embed layers export")
 
 
+def _torch_layout(value: np.ndarray) -> np.ndarray:
+    """Our layout -> torch's: (in, out) -> (out, in); conv (kh, kw, in, out) -> (out, in, kh, kw)."""
+    return value.T if value.ndim == 2 else np.transpose(value, (3, 2, 0, 1))
+
+
+def _our_layout(value: np.ndarray) -> np.ndarray:
+    """Inverse of ``_torch_layout``."""
+    return value.T if value.ndim == 2 else np.transpose(value, (2, 3, 1, 0))
+
+
 def _to_torch(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     """A modules_to_save leaf -> (torch parameter name, array in torch orientation)."""
     if leaf == "kernel":
-        return "weight", value.T if value.ndim == 2 else np.transpose(value, (3, 2, 0, 1))
+        return "weight", _torch_layout(value)
     return {"embedding": "weight", "scale": "weight"}.get(leaf, leaf), value
 
 
@@ -63,27 +73,22 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
 
     if config.bias != "none":
         raise ValueError(f"export_peft supports bias='none' only, got bias={config.bias!r}")
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
-    adapter = traverse_util.flatten_dict(extract_adapter(params, config).params)
+    flat = traverse_util.flatten_dict(dict(params))  # base leaves: only their shapes are read
+    adapter = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(extract_adapter(params, config).params).items()}
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
-    for key in adapter:
+    for key, value in adapter.items():
         module, leaf = key[:-1], key[-1]
         name = PREFIX + _module_name(module)
         if leaf == "lora_A":
-            a, b = flat[key], flat[module + ("lora_B",)]
-            kind = _kind(flat, module, a)
+            a, b = value, adapter[module + ("lora_B",)]
             ranks[_module_name(module)] = a.shape[-1]
-            if kind == "embed":
-                tensors[name + ".lora_embedding_A"], tensors[name + ".lora_embedding_B"] = a.T, b.T
-            elif kind == "linear":
-                tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"] = a.T, b.T
-            else:
-                tensors[name + ".lora_A.weight"] = np.transpose(a, (3, 2, 0, 1))
-                tensors[name + ".lora_B.weight"] = np.transpose(b, (3, 2, 0, 1))
+            suffix = ("lora_embedding_A", "lora_embedding_B") if _kind(flat, module, a) == "embed" else \
+                ("lora_A.weight", "lora_B.weight")
+            tensors[f"{name}.{suffix[0]}"], tensors[f"{name}.{suffix[1]}"] = _torch_layout(a), _torch_layout(b)
         elif leaf != "lora_B":
-            torch_leaf, value = _to_torch(leaf, flat[key])
-            tensors[f"{name}.{torch_leaf}"] = value
+            torch_leaf, converted = _to_torch(leaf, value)
+            tensors[f"{name}.{torch_leaf}"] = converted
     plain = all(not t.startswith(REGEX_PREFIX) for t in config.targets) and not config.exclude
     adapter_config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
@@ -153,31 +158,24 @@ def import_peft(directory: str | Path, base_params: Params | None = None) -> Ada
             raise ValueError(f"unexpected key {name!r} in {weights} (expected the '{PREFIX}' prefix)")
         parts = name[len(PREFIX):].split(".")
         if parts[-2:] in (["lora_A", "weight"], ["lora_B", "weight"]):
-            leaf = parts[-2]
-            module = tuple(parts[:-2])
-            out[module + (leaf,)] = value.T if value.ndim == 2 else np.transpose(value, (2, 3, 1, 0))
+            out[tuple(parts[:-2]) + (parts[-2],)] = _our_layout(value)
         elif parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
-            out[tuple(parts[:-1]) + ("lora_" + parts[-1][-1],)] = value.T
+            out[tuple(parts[:-1]) + ("lora_" + parts[-1][-1],)] = _our_layout(value)
         else:
             module = tuple(parts[:-1])
-            out[module + _our_leaf(module, parts[-1], value, flat_base)] = _from_torch(module, parts[-1], value,
-                                                                                        flat_base)
+            leaf = _our_leaf(module, parts[-1], value, flat_base)
+            out[module + (leaf,)] = _our_layout(value) if leaf == "kernel" else value
     meta = {"peft_task_type": data.get("task_type"), "base_model": data.get("base_model_name_or_path"),
             "source": str(directory)}
     return Adapter(traverse_util.unflatten_dict({k: np.asarray(v) for k, v in out.items()}), config, meta)
 
 
-def _our_leaf(module, torch_leaf, value, flat_base) -> tuple[str]:
+def _our_leaf(module, torch_leaf, value, flat_base) -> str:
+    """Our name for a modules_to_save leaf stored under a torch name ('weight' is ambiguous)."""
     if torch_leaf != "weight":
-        return (torch_leaf,)
+        return torch_leaf
     if flat_base is not None:
         for leaf in ("kernel", "embedding", "scale"):
             if module + (leaf,) in flat_base:
-                return (leaf,)
-    return ("kernel",) if value.ndim >= 2 else ("scale",)
-
-
-def _from_torch(module, torch_leaf, value, flat_base):
-    if _our_leaf(module, torch_leaf, value, flat_base) != ("kernel",):
-        return value
-    return value.T if value.ndim == 2 else np.transpose(value, (2, 3, 1, 0))
+                return leaf
+    return "kernel" if value.ndim >= 2 else "scale"

@@ -27,6 +27,10 @@ from .common import machine_info, output_dir, print_table, tree_bytes, write_jso
 
 TARGETS = ("query", "value")
 RANK = 8
+REMAT = "dots"  # the memory-saving variant measured beside the default LoRA run
+# XLA's CPU scheduler favours concurrency over memory by default, which keeps rematerialised activations
+# alive anyway; the remat run turns it off (a process-wide flag, so only in that worker's process).
+REMAT_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
@@ -52,8 +56,9 @@ def median_time(fn: Callable[[], Any], steps: int, warmup: int = 2) -> tuple[flo
     return first, statistics.median(times)
 
 
-def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK):
-    """Our model, base params, LoRA model/params/mask/config and a batch, for ``model_name``."""
+def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: str = "none"):
+    """Our model, base params, LoRA model/params/mask/config and a batch, for ``model_name``
+    (``remat``: the encoder's per-layer activation checkpointing, see ``BertConfig.remat``)."""
     import jax
     import jax.numpy as jnp
 
@@ -61,11 +66,11 @@ def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK):
     from lora_jax.models import BertConfig, BertForSequenceClassification, from_pretrained
 
     if model_name == "bert-base-config":
-        model = BertForSequenceClassification(BertConfig(num_labels=3, **BERT_BASE))
+        model = BertForSequenceClassification(BertConfig(num_labels=3, remat=remat, **BERT_BASE))
         params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
     else:
         model, params, _ = from_pretrained("packaged:minilm" if model_name == "minilm" else model_name, num_labels=3,
-                                           with_tokenizer=False)
+                                           with_tokenizer=False, remat=remat)
     rng = np.random.RandomState(0)
     vocab = model.config.vocab_size
     data = {"ids": jnp.asarray(rng.randint(1000, vocab, (batch, seq)), jnp.int32),
@@ -122,7 +127,8 @@ def worker_train(args) -> dict[str, Any]:
 
     import lora_jax
 
-    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank)
+    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank,
+                                                                     args.remat)
     if args.mode == "full":
         result = jax_train_step(model, params, jax.tree.map(lambda _: True, params), data, args.steps)
     else:
@@ -252,14 +258,15 @@ WORKERS = {"train": worker_train, "forward": worker_forward, "peft-memory": work
 # ----------------------------------------------------------------------------------- driver
 
 
-def spawn(task: str, args, **overrides) -> dict[str, Any]:
-    """Run one worker in a fresh process and return its JSON result."""
+def spawn(task: str, args, xla_flags: str = "", **overrides) -> dict[str, Any]:
+    """Run one worker in a fresh process (``xla_flags`` appended to its XLA_FLAGS) and return its JSON result."""
     settings = {"model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rank": RANK,
-                "mode": "lora", **overrides}
+                "mode": "lora", "remat": "none", **overrides}
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", task] + \
           [x for k, v in settings.items() for x in (f"--{k}", str(v))]
     print(f"  running {task} {overrides or ''} ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {task} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -283,8 +290,9 @@ def benchmark_model(model: str, args) -> dict[str, Any]:
     a = argparse.Namespace(**{**vars(args), "model": model})
     full = spawn("train", a, mode="full")
     lora = spawn("train", a, mode="lora")
+    lora_remat = spawn("train", a, REMAT_XLA_FLAGS, mode="lora", remat=REMAT)
     forward = spawn("forward", a)
-    result = {"model": model, "full": full, "lora": lora, "forward": forward}
+    result = {"model": model, "full": full, "lora": lora, "lora_remat": lora_remat, "forward": forward}
     if args.peft:
         if torch_available():
             result["peft_memory"] = spawn("peft-memory", a, mode="lora")
@@ -303,6 +311,9 @@ def summarize(results: list[dict[str, Any]], scaling: dict | None) -> tuple[str,
                      full["opt_state_bytes"], full["peak_rss_bytes"] / 2**30])
         rows.append([r["model"], "LoRA r=8 q,v", lora["step_s"], lora["compile_s"], f"{lora['flops']:.3e}",
                      lora["opt_state_bytes"], lora["peak_rss_bytes"] / 2**30])
+        remat = r["lora_remat"]
+        rows.append([r["model"], f"LoRA r=8 q,v, remat={REMAT}", remat["step_s"], remat["compile_s"],
+                     f"{remat['flops']:.3e}", remat["opt_state_bytes"], remat["peak_rss_bytes"] / 2**30])
         if "peft_memory" in r:
             rows.append([r["model"], "PEFT LoRA (torch)", r["peft_memory"]["step_s"], "-", "-", "-",
                          r["peft_memory"]["peak_rss_bytes"] / 2**30])
@@ -323,17 +334,21 @@ def summarize(results: list[dict[str, Any]], scaling: dict | None) -> tuple[str,
         if "versus_peft" in r:
             vs = r["versus_peft"]
             ours_vs_peft = vs["ours_train_s"] / vs["peft_train_s"]
-            row += [ours_vs_peft, vs["ours_forward_s"] / vs["peft_forward_s"],
-                    lora["peak_rss_bytes"] / r["peft_memory"]["peak_rss_bytes"]]
+            peft_rss = r["peft_memory"]["peak_rss_bytes"]
+            row += [ours_vs_peft, vs["ours_forward_s"] / vs["peft_forward_s"], lora["peak_rss_bytes"] / peft_rss,
+                    r["lora_remat"]["peak_rss_bytes"] / peft_rss]
             verdicts += [verdict(f"lora_jax LoRA step / PEFT LoRA step ({r['model']})", ours_vs_peft, 0.80),
                          verdict(f"peak memory lora_jax LoRA / PEFT LoRA ({r['model']})",
-                                 lora["peak_rss_bytes"] / r["peft_memory"]["peak_rss_bytes"], 1.0)]
+                                 lora["peak_rss_bytes"] / peft_rss, 1.0),
+                         verdict(f"peak memory lora_jax LoRA remat={REMAT} / PEFT LoRA ({r['model']})",
+                                 r["lora_remat"]["peak_rss_bytes"] / peft_rss, 1.0)]
         else:
-            row += ["-", "-", "-"]
+            row += ["-", "-", "-", "-"]
         ratio_rows.append(row)
     lines.append(print_table("Ratios", ["model", "LoRA/full step", "LoRA/full FLOPs", "LoRA/full opt state",
                                         "merged/base fwd", "unmerged/base fwd", "ours/PEFT LoRA step",
-                                        "ours/torch base fwd", "ours/PEFT peak mem"], ratio_rows))
+                                        "ours/torch base fwd", "ours/PEFT peak mem",
+                                        f"ours remat={REMAT}/PEFT peak mem"], ratio_rows))
     if scaling:
         lines.append(print_table(f"LoRA step vs rank ({scaling['model']})", ["rank", "step (s)"],
                                  [[k, v] for k, v in scaling["rank"].items()]))
@@ -378,6 +393,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=RANK, help=argparse.SUPPRESS)
+    p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -6,6 +6,7 @@ sentiment toward that aspect (negative / neutral / positive).
     python -m experiments.bert_absa train --data-dir DIR                 # LoRA r=8 on query+value
     python -m experiments.bert_absa train --data-dir DIR --full-finetune # the baseline
     python -m experiments.bert_absa train --data-dir DIR --compare       # both, one table
+    python -m experiments.bert_absa train --data-dir DIR --compare --seeds 0,1,2  # mean ± sd over seeds
     python -m experiments.bert_absa predict --adapter runs/bert_absa/<run>/adapter \\
         "The battery life is amazing but the camera is terrible." --aspect "battery life" --aspect camera
 """
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 import lora_jax
 from lora_jax.data.semeval import LABELS, AspectExample, load_semeval
-from lora_jax.models import PACKAGED_MINILM, from_pretrained
+from lora_jax.models import PACKAGED_MINILM, REMAT_POLICIES, from_pretrained
 
 from .common import output_dir, print_table, write_json
 
@@ -108,9 +109,9 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray, n: int = 
 # ----------------------------------------------------------------------------------- training
 
 
-def make_model(args, with_tokenizer: bool = True):
+def make_model(args, seed: int, with_tokenizer: bool = True):
     model, params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS), with_tokenizer=with_tokenizer,
-                                               rng=jax.random.key(args.seed))
+                                               rng=jax.random.key(seed), remat=args.remat)
     return model, params, tokenizer
 
 
@@ -127,17 +128,18 @@ def lora_config(args, params: dict) -> lora_jax.LoraConfig:
                                modules_to_save=head)
 
 
-def train_one(args, mode: str, data: dict[str, list[AspectExample]], out: Path) -> dict[str, Any]:
-    """Train one mode ('lora' or 'full'), early-stopped on dev; evaluate on test; save the adapter."""
-    model, base_params, tokenizer = make_model(args)
+def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], out: Path) -> dict[str, Any]:
+    """Train one mode ('lora' or 'full') with one seed (dev split, init, batch order, dropout),
+    early-stopped on dev; evaluate on test; save the adapter under ``out``."""
+    model, base_params, tokenizer = make_model(args, seed)
     pad_id = tokenizer.pad_token_id or 0
-    train, dev = dev_split(data["train"], args.dev_fraction, args.seed)
+    train, dev = dev_split(data["train"], args.dev_fraction, seed)
     enc = {name: encode(split, tokenizer, args.max_len) for name, split in
            (("train", train), ("dev", dev), ("test", data["test"]))}
     if mode == "lora":
         config = lora_config(args, base_params)
         net = lora_jax.lora(model, config)
-        params = lora_jax.init_lora_params(net, base_params, jax.random.key(args.seed + 1), jnp.ones((1, 8), jnp.int32))
+        params = lora_jax.init_lora_params(net, base_params, jax.random.key(seed + 1), jnp.ones((1, 8), jnp.int32))
         mask = lora_jax.trainable_mask(params, config)
         lr = args.lr or 1e-3
     else:
@@ -171,9 +173,9 @@ def train_one(args, mode: str, data: dict[str, list[AspectExample]], out: Path) 
             preds[b["index"][keep]] = logits[keep].argmax(-1)
         return classification_report(np.array([e["label"] for e in encoded]), preds)
 
-    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(args.seed + 2))
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(seed + 2))
     step = lora_jax.make_train_step(loss_fn, tx, mask)
-    rng = np.random.RandomState(args.seed)
+    rng = np.random.RandomState(seed)
     history, best, best_trainable, bad_epochs = [], -1.0, None, 0
     start = time.perf_counter()
     for epoch in range(args.epochs):
@@ -207,7 +209,7 @@ def train_one(args, mode: str, data: dict[str, list[AspectExample]], out: Path) 
                                             metadata={"task": "aspect_sentiment", "labels": list(LABELS),
                                                       "max_len": args.max_len})
         adapter_bytes = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
-    return {"mode": mode, "lr": lr, "trainable_params": trainable, "total_params": total,
+    return {"mode": mode, "seed": seed, "lr": lr, "trainable_params": trainable, "total_params": total,
             "encoder_trainable_params": encoder_trainable, "encoder_total_params": encoder_total,
             "epochs_run": len(history), "train_time_s": train_time, "history": history,
             "best_dev_accuracy": best, "test": test_report, "adapter_dir": str(adapter_dir) if adapter_dir else None,
@@ -224,15 +226,19 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    seeds = list(dict.fromkeys(run["seed"] for run in runs))
     for run in runs:
         epochs = [h["epoch"] for h in run["history"]]
-        ax1.plot(epochs, [h["train_loss"] for h in run["history"]], "o-", label=run["mode"])
-        ax2.plot(epochs, [h["dev_accuracy"] for h in run["history"]], "o-", label=run["mode"])
+        style = dict(color="C0" if run["mode"] == "lora" else "C1", linestyle=("-", "--", ":", "-.")[seeds.index(
+            run["seed"]) % 4], marker="o", alpha=0.8, label=f"{run['mode']} seed {run['seed']}")
+        ax1.plot(epochs, [h["train_loss"] for h in run["history"]], **style)
+        ax2.plot(epochs, [h["dev_accuracy"] for h in run["history"]], **style)
     ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
     ax2.set(xlabel="epoch", ylabel="dev accuracy", title="dev accuracy")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -261,6 +267,18 @@ def plot_confusion(runs: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------- commands
 
 
+def summarize(runs: list[dict]) -> list[list[Any]]:
+    """One row per mode over its seeds: test accuracy and macro-F1 as mean ± sd (sd over seeds, ddof=1)."""
+    rows = []
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        group = [r for r in runs if r["mode"] == mode]
+        acc, f1 = (np.array([r["test"][k] for r in group]) for k in ("accuracy", "macro_f1"))
+        spread = (lambda x: f" ± {x.std(ddof=1):.4f}") if len(group) > 1 else (lambda x: "")
+        rows.append([mode, len(group), group[0]["trainable_params"], f"{acc.mean():.4f}{spread(acc)}",
+                     f"{f1.mean():.4f}{spread(f1)}", float(np.mean([r["train_time_s"] for r in group]))])
+    return rows
+
+
 def cmd_train(args) -> dict[str, Any]:
     out = output_dir(args.out, "bert_absa")
     data = load_semeval(args.domain, args.data_dir, keep_conflict=args.keep_conflict)
@@ -268,19 +286,33 @@ def cmd_train(args) -> dict[str, Any]:
         data = {k: v[: args.limit] for k, v in data.items()}
     print(f"{len(data['train']):,} train (of which {args.dev_fraction:.0%} held out as dev), {len(data['test']):,} test")
     modes = ["lora", "full"] if args.compare else ["full" if args.full_finetune else "lora"]
-    runs = [train_one(args, mode, data, out) for mode in modes]
-    rows = [[r["mode"], r["trainable_params"], 100.0 * r["trainable_params"] / r["total_params"],
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    report: dict[str, Any] = {"args": vars(args), "runs": []}
+    for seed in seeds:  # modes interleaved per seed, results saved after each run: a stopped sweep keeps its pairs
+        for mode in modes:
+            report["runs"].append(train_one(args, mode, seed, data, out if len(seeds) == 1 else out / f"seed{seed}"))
+            write_json(out / "results.json", report)
+    runs = report["runs"]
+    rows = [[r["mode"], r["seed"], r["trainable_params"], 100.0 * r["trainable_params"] / r["total_params"],
              100.0 * r["encoder_trainable_params"] / r["encoder_total_params"], r["test"]["accuracy"],
              r["test"]["macro_f1"], r["train_time_s"], r["epochs_run"], r["adapter_bytes"] or "-"] for r in runs]
-    columns = ["mode", "trainable params", "trainable %", "encoder trainable %", "test acc", "test macro-F1",
+    columns = ["mode", "seed", "trainable params", "trainable %", "encoder trainable %", "test acc", "test macro-F1",
                "train time (s)", "epochs", "adapter bytes"]
-    report = {"args": vars(args), "runs": runs,
-              "table_markdown": print_table(f"SemEval-2014 {args.domain}, {args.model}", columns, rows)}
+    report["table_markdown"] = print_table(f"SemEval-2014 {args.domain}, {args.model}", columns, rows)
+    if len(seeds) > 1:
+        report["summary_markdown"] = print_table(
+            f"mean over seeds {args.seeds}", ["mode", "seeds", "trainable params", "test acc", "test macro-F1",
+                                              "train time (s)"], summarize(runs))
     for r in runs:
-        print(f"{r['mode']}: per-class test F1 {r['test']['per_class_f1']}")
+        print(f"{r['mode']} (seed {r['seed']}): per-class test F1 {r['test']['per_class_f1']}")
+    if args.compare:
+        mean_acc = {m: float(np.mean([r["test"]["accuracy"] for r in runs if r["mode"] == m])) for m in modes}
+        report["lora_minus_full_accuracy_points"] = 100 * (mean_acc["lora"] - mean_acc["full"])
+        print(f"LoRA - full test accuracy: {report['lora_minus_full_accuracy_points']:+.2f} points "
+              f"(mean over {len(seeds)} seed(s))")
     write_json(out / "results.json", report)
     plot_curves(runs, out / "training_curves.png")
-    plot_confusion(runs, out / "confusion_matrix.png")
+    plot_confusion([r for r in runs if r["seed"] == seeds[0]], out / "confusion_matrix.png")
     print(f"results: {out / 'results.json'}")
     if any(r["adapter_dir"] for r in runs):
         print(f"adapter: {next(r['adapter_dir'] for r in runs if r['adapter_dir'])}")
@@ -334,8 +366,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--max-len", type=int, default=128)
+    t.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES),
+                   help="activation checkpointing per encoder layer: less memory, more compute")
     t.add_argument("--dev-fraction", type=float, default=0.1)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seeds", default=None, help="comma-separated seeds (e.g. 0,1,2): one run per mode and seed, "
+                   "then mean ± sd; adapters go to OUT/seed<N>/adapter")
     t.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split (smoke runs)")
     t.add_argument("--out", default=None, help="output folder (default runs/bert_absa/<timestamp>)")
     p = sub.add_parser("predict", help="per-aspect sentiment with a saved adapter")

@@ -129,3 +129,17 @@ def test_pipeline_smoke_train_then_predict(tmp_path):
     for r in results:
         assert set(r["probabilities"]) == {"negative", "neutral", "positive"}
         assert abs(sum(r["probabilities"].values()) - 1.0) < 1e-3
+
+
+def test_seed_summary_gives_mean_and_sample_sd_per_mode():
+    from experiments.bert_absa import summarize
+
+    def run(mode, seed, acc, f1):
+        return {"mode": mode, "seed": seed, "trainable_params": 10 if mode == "lora" else 100, "train_time_s": 2.0,
+                "test": {"accuracy": acc, "macro_f1": f1}}
+
+    runs = [run("lora", 0, 0.70, 0.60), run("full", 0, 0.74, 0.66), run("lora", 1, 0.74, 0.64),
+            run("full", 1, 0.74, 0.70)]
+    assert summarize(runs) == [["lora", 2, 10, "0.7200 ± 0.0283", "0.6200 ± 0.0283", 2.0],
+                               ["full", 2, 100, "0.7400 ± 0.0000", "0.6800 ± 0.0283", 2.0]]
+    assert summarize(runs[:2])[0][3:5] == ["0.7000", "0.6000"]  # one seed: no spread

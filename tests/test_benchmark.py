@@ -17,6 +17,9 @@ def test_benchmark_harness_smoke(tmp_path):
     assert result["lora"]["flops"] < result["full"]["flops"]
     assert result["lora"]["opt_state_bytes"] == 2 * 4 * result["lora"]["trainable_params"] + 4  # adam mu, nu + count
     assert result["lora"]["trainable_params"] == 74_883
+    # the rematerialised run recomputes part of the forward in the backward pass: same parameters, more FLOPs
+    assert result["lora_remat"]["trainable_params"] == 74_883
+    assert result["lora_remat"]["flops"] > result["lora"]["flops"]
     assert {"base_s", "lora_unmerged_s", "lora_merged_s"} <= set(result["forward"])
     targets = {v["target"] for v in report["verdicts"]}
     assert "merged forward / base forward (minilm)" in targets

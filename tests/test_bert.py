@@ -162,3 +162,46 @@ def test_lora_by_peft_names_hits_two_layers_per_block_and_counts_like_peft(minil
     peft_model = peft.get_peft_model(reference, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
     theirs = peft_model.get_nb_trainable_parameters()
     assert ours == theirs == (73_728, 22_713_216 + 73_728)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_rematerialised_layers_give_the_same_lora_loss_and_gradients(remat):
+    from lora_jax.models import BertConfig, BertForSequenceClassification
+
+    small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 num_labels=3)
+    plain, rematted = (BertForSequenceClassification(BertConfig(remat=r, **small)) for r in ("none", remat))
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 100, (4, 12)), jnp.int32)
+    params = plain.init(jax.random.key(0), ids)["params"]
+    assert jax.tree.structure(rematted.init(jax.random.key(0), ids)["params"]) == jax.tree.structure(params)
+    config = lora_jax.LoraConfig(rank=4, alpha=8, targets=("query", "value"), dropout=0.1,
+                                 modules_to_save=("classifier",))
+    lora_params = lora_jax.init_lora_params(lora_jax.lora(plain, config), params, jax.random.key(1), ids)
+    lora_params = jax.tree_util.tree_map_with_path(  # non-zero B, so gradients reach A and the layers below
+        lambda p, x: x + 0.05 if p[-1].key == "lora_B" else x, lora_params)
+    mask = lora_jax.trainable_mask(lora_params, config)
+    labels = jnp.array([0, 1, 2, 1])
+
+    def loss_and_grads(model):
+        net = lora_jax.lora(model, config)
+
+        def loss(trainable):
+            logits = net.apply({"params": lora_jax.combine(trainable, lora_jax.partition(lora_params, mask)[1])}, ids,
+                               deterministic=False, rngs=lora_jax.dropout_rngs(jax.random.key(2), "dropout",
+                                                                                "lora_dropout"))
+            return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+        return jax.value_and_grad(loss)(lora_jax.partition(lora_params, mask)[0])
+
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(rematted)
+    assert abs(float(loss_a) - float(loss_b)) < 1e-6  # the same dropout masks are replayed on recomputation
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(jax.tree.leaves(grads_a)[0]).max()) > 0
+
+
+def test_unknown_remat_policy_is_refused():
+    from lora_jax.models import BertConfig
+
+    with pytest.raises(ValueError, match=r"unknown remat 'everything'; choose from \['dots', 'full', 'none'\]"):
+        BertConfig(remat="everything")

@@ -6,6 +6,7 @@ from .bert import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
+    REMAT_POLICIES,
 )
 from .hub import PACKAGED_MINILM, packaged_minilm_path, resolve_model_dir
 from .mlp import MLP
@@ -20,6 +21,7 @@ __all__ = [
     "BertModel",
     "MLP",
     "PACKAGED_MINILM",
+    "REMAT_POLICIES",
     "Pretrained",
     "from_pretrained",
     "load_torch_bin",

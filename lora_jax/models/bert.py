@@ -23,6 +23,13 @@ _ACTIVATIONS = {
     "tanh": jnp.tanh,
 }
 
+# Activation checkpointing per encoder layer (``BertConfig.remat``): what the backward pass keeps.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation: fastest, most memory
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs, recompute the rest
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input: least memory
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -43,6 +50,7 @@ class BertConfig:
     model_type: str = "bert"
     classifier_dropout: float | None = None
     num_labels: int = 2
+    remat: str = "none"  # activation checkpointing per layer: one of REMAT_POLICIES (not a Hugging Face field)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -50,6 +58,8 @@ class BertConfig:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
         if self.model_type not in ("bert", "roberta"):
             raise ValueError(f"unsupported model_type {self.model_type!r}: expected 'bert' or 'roberta'")
 
@@ -158,14 +168,17 @@ class BertLayer(nn.Module):
 
 
 class BertLayerStack(nn.Module):
-    """Holds the layers as children '0', '1', ... so paths read ``encoder/layer/3/...``."""
+    """Holds the layers as children '0', '1', ... so paths read ``encoder/layer/3/...``.
+    With ``config.remat`` each layer is rematerialised (same params and paths; dropout masks replay)."""
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, h, mask_bias, deterministic: bool):
+        policy = REMAT_POLICIES[self.config.remat]
+        layer = BertLayer if policy is None else nn.remat(BertLayer, static_argnums=(3,), policy=policy)
         for i in range(self.config.num_hidden_layers):
-            h = BertLayer(self.config, name=str(i))(h, mask_bias, deterministic)
+            h = layer(self.config, name=str(i))(h, mask_bias, deterministic)
         return h
 
 

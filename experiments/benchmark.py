@@ -109,11 +109,12 @@ def jax_train_step(net, params, mask, data, steps: int) -> dict[str, Any]:
 
     run, step, holder = jax_step(net, params, mask, data)
     start = time.perf_counter()
-    flops = step.flops(holder["state"], data)  # lowers and compiles the step: that is the compile time
+    stats = step.compiled_stats(holder["state"], data)  # lowers and compiles the step: that is the compile time
     compile_s = time.perf_counter() - start
     first, median = median_time(run, steps)
     trainable, total = lora_jax.count_parameters(params, mask)
-    return {"step_s": median, "first_call_s": first, "compile_s": compile_s, "flops": flops,
+    return {"step_s": median, "first_call_s": first, "compile_s": compile_s, "flops": stats["flops"],
+            "xla_temp_bytes": stats["temp_bytes"],
             "opt_state_bytes": tree_bytes(holder["state"].opt_state), "trainable_params": trainable,
             "total_params": total}
 
@@ -307,18 +308,15 @@ def summarize(results: list[dict[str, Any]], scaling: dict | None) -> tuple[str,
     rows = []
     for r in results:
         full, lora, fwd = r["full"], r["lora"], r["forward"]
-        rows.append([r["model"], "full FT", full["step_s"], full["compile_s"], f"{full['flops']:.3e}",
-                     full["opt_state_bytes"], full["peak_rss_bytes"] / 2**30])
-        rows.append([r["model"], "LoRA r=8 q,v", lora["step_s"], lora["compile_s"], f"{lora['flops']:.3e}",
-                     lora["opt_state_bytes"], lora["peak_rss_bytes"] / 2**30])
-        remat = r["lora_remat"]
-        rows.append([r["model"], f"LoRA r=8 q,v, remat={REMAT}", remat["step_s"], remat["compile_s"],
-                     f"{remat['flops']:.3e}", remat["opt_state_bytes"], remat["peak_rss_bytes"] / 2**30])
+        for label, run in (("full FT", full), ("LoRA r=8 q,v", lora), (f"LoRA r=8 q,v, remat={REMAT}", r["lora_remat"])):
+            rows.append([r["model"], label, run["step_s"], run["compile_s"], f"{run['flops']:.3e}",
+                         run["opt_state_bytes"], run["xla_temp_bytes"] / 2**30, run["peak_rss_bytes"] / 2**30])
         if "peft_memory" in r:
-            rows.append([r["model"], "PEFT LoRA (torch)", r["peft_memory"]["step_s"], "-", "-", "-",
+            rows.append([r["model"], "PEFT LoRA (torch)", r["peft_memory"]["step_s"], "-", "-", "-", "-",
                          r["peft_memory"]["peak_rss_bytes"] / 2**30])
     lines.append(print_table("Train step (median)", ["model", "mode", "step (s)", "compile (s)", "XLA FLOPs",
-                                                      "optimizer state (bytes)", "peak RSS (GiB)"], rows))
+                                                      "optimizer state (bytes)", "XLA temp (GiB)", "peak RSS (GiB)"],
+                             rows))
     ratio_rows = []
     for r in results:
         full, lora, fwd = r["full"], r["lora"], r["forward"]

@@ -85,11 +85,19 @@ class TrainStep:
         dynamic, frozen = self._split(state)
         return self._jitted.lower(dynamic, frozen, batch)
 
-    def flops(self, state: TrainState, batch: Any) -> float:
-        """XLA's FLOP count for one compiled step (a deterministic figure, unlike wall time)."""
-        cost = self.lower(state, batch).compile().cost_analysis()
+    def compiled_stats(self, state: TrainState, batch: Any) -> dict[str, float]:
+        """XLA's own figures for one compiled step, deterministic unlike wall time: ``flops``, and
+        ``temp_bytes`` (the activations and scratch it allocates beside its arguments) and ``argument_bytes``."""
+        compiled = self.lower(state, batch).compile()
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"])
+        memory = compiled.memory_analysis()
+        return {"flops": float(cost["flops"]), "temp_bytes": float(memory.temp_size_in_bytes),
+                "argument_bytes": float(memory.argument_size_in_bytes)}
+
+    def flops(self, state: TrainState, batch: Any) -> float:
+        """XLA's FLOP count for one compiled step."""
+        return self.compiled_stats(state, batch)["flops"]
 
     def cache_size(self) -> int:
         """Number of compiled variants so far (1 after any number of same-shaped calls)."""

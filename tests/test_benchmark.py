@@ -20,6 +20,7 @@ def test_benchmark_harness_smoke(tmp_path):
     # the rematerialised run recomputes part of the forward in the backward pass: same parameters, more FLOPs
     assert result["lora_remat"]["trainable_params"] == 74_883
     assert result["lora_remat"]["flops"] > result["lora"]["flops"]
+    assert 0 < result["lora"]["xla_temp_bytes"] < result["full"]["xla_temp_bytes"]  # no kernel gradients kept
     assert {"base_s", "lora_unmerged_s", "lora_merged_s"} <= set(result["forward"])
     targets = {v["target"] for v in report["verdicts"]}
     assert "merged forward / base forward (minilm)" in targets

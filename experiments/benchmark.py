@@ -307,8 +307,8 @@ def summarize(results: list[dict[str, Any]], scaling: dict | None) -> tuple[str,
     lines, verdicts = [], []
     rows = []
     for r in results:
-        full, lora, fwd = r["full"], r["lora"], r["forward"]
-        for label, run in (("full FT", full), ("LoRA r=8 q,v", lora), (f"LoRA r=8 q,v, remat={REMAT}", r["lora_remat"])):
+        for label, key in (("full FT", "full"), ("LoRA r=8 q,v", "lora"), (f"LoRA r=8 q,v, remat={REMAT}", "lora_remat")):
+            run = r[key]
             rows.append([r["model"], label, run["step_s"], run["compile_s"], f"{run['flops']:.3e}",
                          run["opt_state_bytes"], run["xla_temp_bytes"] / 2**30, run["peak_rss_bytes"] / 2**30])
         if "peft_memory" in r:

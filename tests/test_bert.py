@@ -179,19 +179,18 @@ def test_rematerialised_layers_give_the_same_lora_loss_and_gradients(remat):
     lora_params = lora_jax.init_lora_params(lora_jax.lora(plain, config), params, jax.random.key(1), ids)
     lora_params = jax.tree_util.tree_map_with_path(  # non-zero B, so gradients reach A and the layers below
         lambda p, x: x + 0.05 if p[-1].key == "lora_B" else x, lora_params)
-    mask = lora_jax.trainable_mask(lora_params, config)
+    trainable, frozen = lora_jax.partition(lora_params, lora_jax.trainable_mask(lora_params, config))
     labels = jnp.array([0, 1, 2, 1])
 
     def loss_and_grads(model):
         net = lora_jax.lora(model, config)
 
-        def loss(trainable):
-            logits = net.apply({"params": lora_jax.combine(trainable, lora_jax.partition(lora_params, mask)[1])}, ids,
-                               deterministic=False, rngs=lora_jax.dropout_rngs(jax.random.key(2), "dropout",
-                                                                                "lora_dropout"))
+        def loss(t):
+            logits = net.apply({"params": lora_jax.combine(t, frozen)}, ids, deterministic=False,
+                               rngs=lora_jax.dropout_rngs(jax.random.key(2), "dropout", "lora_dropout"))
             return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels])
 
-        return jax.value_and_grad(loss)(lora_jax.partition(lora_params, mask)[0])
+        return jax.value_and_grad(loss)(trainable)
 
     (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(rematted)
     assert abs(float(loss_a) - float(loss_b)) < 1e-6  # the same dropout masks are replayed on recomputation

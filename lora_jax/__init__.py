@@ -9,8 +9,9 @@
     save_adapter("adapters/task_a", params, config)  # kilobytes: only the trainable leaves
 """
 
-from .adapters import Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, extract_adapter
-from .checkpoint import TrainCheckpointer, base_fingerprint, load_adapter, save_adapter
+from .adapters import Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover, extract_adapter
+from .checkpoint import CheckpointSaveError, TrainCheckpointer, load_adapter, save_adapter
+from .fingerprint import BaseMismatchError, base_fingerprint
 from .config import LoraConfig
 from .masking import combine, lora_leaves, partition, trainable_mask
 from .merge import merge, unmerge
@@ -23,11 +24,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "BaseMismatchError",
+    "CheckpointSaveError",
     "TrainCheckpointer",
     "add_weighted_adapter",
     "apply_adapter",
     "base_fingerprint",
     "check_adapter_fits",
+    "check_targets_cover",
     "export_peft",
     "extract_adapter",
     "import_peft",

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from .config import LoraConfig
+from .fingerprint import check_base_fingerprint
 from .layers import weight_delta
 from .masking import LORA_LEAVES, partition, trainable_mask
 from .merge import base_leaf_key
-from .targets import path_str
+from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
 
@@ -69,10 +70,42 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
                              f"shape {tuple(flat_base[key].shape)}")
 
 
-def apply_adapter(base_params: Params, adapter: Adapter | Params) -> dict:
-    """Base params + adapter -> the LoRA model's param tree (adapter leaves win; base is not copied)."""
-    adapter_params = adapter.params if isinstance(adapter, Adapter) else adapter
+def check_targets_cover(adapter_params: Params, config: LoraConfig, source: str = "the adapter") -> None:
+    """Raise ValueError if some lora_A/lora_B leaves sit at layers ``config.targets`` does not select
+    (or ``config.exclude`` removes): the transformed model would silently ignore them."""
+    flat = traverse_util.flatten_dict(dict(adapter_params))
+    modules = sorted({k[:-1] for k in flat if k[-1] in LORA_LEAVES})
+    stray = [path_str(m) for m in modules
+             if not any_matches(config.targets, path_str(m)) or any_matches(config.exclude, path_str(m))]
+    if stray:
+        raise ValueError(f"{source} holds lora_A/lora_B for layers its config does not target ({stray[:5]}"
+                         f"{' ...' if len(stray) > 5 else ''}; targets {list(config.targets)}, exclude "
+                         f"{list(config.exclude)}): they would be ignored. Fix the config's targets.")
+
+
+def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: bool = True) -> dict:
+    """Base params + adapter -> the LoRA model's param tree (adapter leaves win; base is not copied).
+
+    Checks that every adapter leaf fits the base (an error names the leaf and both shapes) and, for
+    an ``Adapter`` that records a base fingerprint, that this is the base it was trained on
+    (``BaseMismatchError``; ``strict=False`` warns instead).
+
+    Example::
+
+        params = apply_adapter(base_params, load_adapter("adapters/laptops"))
+    """
+    if isinstance(adapter, Adapter):
+        adapter_params = adapter.params
+    elif isinstance(adapter, Mapping):
+        adapter_params = adapter
+    else:
+        raise TypeError(f"apply_adapter takes an Adapter (from load_adapter / import_peft / extract_adapter) or a "
+                        f"nested dict of adapter leaves, got {type(adapter).__name__}")
+    if not isinstance(base_params, Mapping):
+        raise TypeError(f"apply_adapter takes the base params as a nested dict, got {type(base_params).__name__}")
     check_adapter_fits(base_params, adapter_params)
+    if isinstance(adapter, Adapter):
+        check_base_fingerprint(base_params, adapter_params, adapter.metadata.get("base_fingerprint"), strict=strict)
     flat = traverse_util.flatten_dict(dict(base_params))
     flat.update(traverse_util.flatten_dict(dict(adapter_params)))
     return traverse_util.unflatten_dict(flat)

@@ -1,30 +1,46 @@
 """Orbax checkpoints: adapter-only save/load, and full training state for resume.
 
-Adapters are written to a temporary sibling folder and moved into place only when complete, so an
-existing adapter at the same path survives a crash mid-save. Training checkpoints use orbax's
-``CheckpointManager`` (keep-last-N, save every N steps; its own temp-dir-and-rename commits).
+An adapter folder holds orbax items ``params`` (the trainable leaves), ``config`` and ``metadata``,
+plus ``lora_jax_adapter.json``: a manifest with the size and sha256 of every file. The manifest
+makes an adapter recognisable (``save_adapter`` overwrites nothing else) and lets ``load_adapter``
+name a corrupt file before any of it is read. Saves are atomic and recoverable (``folder_swap``).
+
+Training checkpoints use orbax's ``CheckpointManager`` (keep-last-N, save every N steps, its own
+temp-folder-and-rename commits); ``TrainCheckpointer`` removes the partial folders of failed or
+killed saves so that a full disk, once freed, does not keep failing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from .adapters import Adapter, check_adapter_fits
+from .adapters import Adapter, check_adapter_fits, check_targets_cover
 from .config import LoraConfig
-from .masking import LORA_LEAVES, combine, partition, trainable_mask
+from .fingerprint import base_fingerprint, check_base_fingerprint
+from .folder_swap import locked, recover_folder, replace_folder
+from .masking import partition, trainable_mask
+from .targets import path_str
 from .train import TrainState
 
 Params = Mapping[str, Any]
+MANIFEST = "lora_jax_adapter.json"
+FORMAT = "lora_jax.adapter"
+_ITEMS = ("params", "config", "metadata")
+_LEGACY_ENTRIES = {"params", "config", "metadata", "_CHECKPOINT_METADATA", "commit_success.txt"}
+
+log = logging.getLogger(__name__)
 
 
 def _version() -> str:
@@ -33,19 +49,89 @@ def _version() -> str:
     return __version__
 
 
-def base_fingerprint(params: Params, mask: Params | None = None) -> str:
-    """sha256 over the frozen leaves' paths, shapes, dtypes and bytes: names the base an adapter was
-    trained on, so loading it onto another base can be noticed."""
-    flat = traverse_util.flatten_dict(dict(params))
-    flat_mask = traverse_util.flatten_dict(dict(mask)) if mask is not None else {}
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax logs routine warnings through absl; keep them off the user's terminal."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# ----------------------------------------------------------------------------------- the manifest
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    for key in sorted(flat):
-        if flat_mask.get(key, False) or key[-1] in LORA_LEAVES:
-            continue
-        value = np.asarray(flat[key])
-        digest.update(f"{'/'.join(key)}:{value.shape}:{value.dtype};".encode())
-        digest.update(value.tobytes())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {rel: {"size": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)}
+             for rel in _files(folder) if rel != MANIFEST}
+    manifest = {"format": FORMAT, "format_version": 1, "lora_jax_version": _version(), "files": files}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{MANIFEST} is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{MANIFEST} is not a lora_jax adapter manifest")
+    return manifest
+
+
+def _recognise(folder: Path) -> str | None:
+    """None if ``folder`` holds a lora_jax adapter and nothing else; otherwise why it does not."""
+    present = _files(folder)
+    if (folder / MANIFEST).is_file():
+        try:
+            listed = set(_read_manifest(folder)["files"])
+        except ValueError as err:
+            return str(err)
+        foreign = [f for f in present if f not in listed and f != MANIFEST]
+        return f"it also holds {foreign[:5]}" if foreign else None
+    top = sorted(p.name for p in folder.iterdir())
+    try:
+        legacy_meta = json.loads((folder / "metadata" / "metadata").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        legacy_meta = None
+    if set(top) <= _LEGACY_ENTRIES and isinstance(legacy_meta, dict) and "lora_jax_version" in legacy_meta:
+        return None  # an adapter written before manifests existed
+    return f"no {MANIFEST}; it holds {top[:5]}{' ...' if len(top) > 5 else ''}"
+
+
+def _verify(folder: Path) -> None:
+    """Raise ValueError naming the first file whose size or checksum differs from the manifest."""
+    if not (folder / MANIFEST).is_file():
+        reason = _recognise(folder)
+        if reason is not None:
+            raise ValueError(f"not a lora_jax adapter folder ({reason})")
+        return  # legacy adapter: no checksums to verify
+    for rel, expected in _read_manifest(folder)["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            raise ValueError(f"file {rel} is missing")
+        if path.stat().st_size != expected.get("size") or _sha256(path) != expected.get("sha256"):
+            raise ValueError(f"file {rel} is damaged (its size or checksum differs from {MANIFEST})")
+
+
+# ----------------------------------------------------------------------------------- save / load
 
 
 def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_model: str | None = None,
@@ -53,7 +139,13 @@ def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_m
     """Save only the trainable leaves of ``params`` (per ``config``) + the config + metadata.
 
     Metadata records the lora_jax version, ``base_model`` (a name or path) and, with
-    ``fingerprint``, a hash of the frozen base leaves. Returns the adapter folder.
+    ``fingerprint``, a fingerprint of the frozen base (``lora_jax.base_fingerprint``), checked when
+    the adapter is loaded onto a base. ``path`` may be new, an empty folder, or an adapter saved
+    before; anything else there is an error and is left untouched. Returns the adapter folder.
+
+    Example::
+
+        save_adapter("adapters/laptops", state.params, config, base_model="packaged:minilm")
     """
     path = Path(path).absolute()
     mask = trainable_mask(params, config)
@@ -61,48 +153,104 @@ def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_m
     meta = {"lora_jax_version": _version(), "base_model": base_model, **(metadata or {})}
     if fingerprint:
         meta["base_fingerprint"] = base_fingerprint(params, mask)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+    def write(tmp: Path) -> None:
+        with _quiet_orbax():
+            ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(tmp, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(trainable),
+                config=ocp.args.JsonSave(config.to_dict()),
+                metadata=ocp.args.JsonSave(meta)))
+        _write_manifest(tmp)
+
+    return replace_folder(path, write, _recognise, "a lora_jax adapter")
+
+
+def _memory_bytes() -> int:
     try:
-        checkpointer.save(tmp, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(trainable),
-            config=ocp.args.JsonSave(config.to_dict()),
-            metadata=ocp.args.JsonSave(meta)))
-        _replace_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` to ``target``; an old ``target`` is removed only afterwards."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+def _abstract_params(path: Path) -> dict:
+    """ShapeDtypeStructs of the saved leaves, from orbax's metadata, checked before anything is allocated."""
+    with _quiet_orbax():
+        tree = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(path / "params").item_metadata.tree
+    flat = traverse_util.flatten_dict(dict(tree))
+    total = 0
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {}
+    for key, meta in flat.items():
+        shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+        if shape is None or dtype is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+            raise ValueError(f"leaf '{path_str(key)}' has no valid shape/dtype in the saved metadata ({shape}, {dtype})")
+        total += int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        abstract[key] = jax.ShapeDtypeStruct(tuple(int(d) for d in shape), np.dtype(dtype), sharding=device)
+    if total > _memory_bytes():
+        raise ValueError(f"its arrays would take {total:,} bytes, more than this machine's memory "
+                         f"({_memory_bytes():,} bytes); the saved shapes are implausible for an adapter")
+    return traverse_util.unflatten_dict(abstract)
 
 
-def load_adapter(path: str | Path, base_params: Params | None = None) -> Adapter:
-    """Load an adapter saved by ``save_adapter``; with ``base_params``, also check that it fits them
-    (an error names the leaf and both shapes)."""
+def load_adapter(path: str | Path, base_params: Params | None = None, *, strict: bool = True) -> Adapter:
+    """Load an adapter saved by ``save_adapter``.
+
+    Every file is checked against the adapter's manifest first, so a damaged file is named rather
+    than read. With ``base_params`` the adapter is also checked against that base before its
+    arrays are read: shapes (an error names the leaf and both shapes) and the base fingerprint (a
+    base with other weights raises ``BaseMismatchError``; ``strict=False`` turns that into a
+    warning). A save that was killed while swapping folders is completed here.
+
+    Example::
+
+        adapter = load_adapter("adapters/laptops", base_params=base_params)
+        params = apply_adapter(base_params, adapter)
+    """
     path = Path(path).absolute()
+    if not path.exists() and path.parent.is_dir():
+        with locked(path.parent):
+            if recover_folder(path, _recognise):
+                log.warning("restored the adapter at %s from an interrupted save", path)
     if not path.is_dir():
         raise FileNotFoundError(f"no adapter checkpoint at {path}")
     try:
-        restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
-        config = LoraConfig.from_dict(restored["config"])
+        _verify(path)
+        abstract = _abstract_params(path)
     except Exception as err:
-        raise ValueError(f"adapter checkpoint at {path} is unreadable or corrupt ({type(err).__name__}: {err})") from None
-    adapter = Adapter(jax.tree.map(jax.numpy.asarray, restored["params"]), config, dict(restored["metadata"] or {}))
+        raise ValueError(f"adapter checkpoint at {path} is unreadable or corrupt: {_short(err)}") from None
     if base_params is not None:
-        check_adapter_fits(base_params, adapter.params)
-    return adapter
+        check_adapter_fits(base_params, abstract)
+    try:
+        with _quiet_orbax():
+            restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore(),
+                metadata=ocp.args.JsonRestore()))
+    except Exception as err:
+        raise ValueError(f"adapter checkpoint at {path} is unreadable or corrupt: {_short(err)}") from None
+    try:
+        config = LoraConfig.from_dict(restored["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adapter at {path} has an invalid config: {err}") from None
+    params = jax.tree.map(jax.numpy.asarray, restored["params"])
+    check_targets_cover(params, config, source=f"adapter at {path}")
+    metadata = dict(restored["metadata"] or {})
+    if base_params is not None:
+        check_base_fingerprint(base_params, params, metadata.get("base_fingerprint"), strict=strict,
+                               source=f"the adapter at {path}")
+    return Adapter(params, config, metadata)
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    """An error's first line, shortened: storage errors can carry whole TensorStore specs."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ----------------------------------------------------------------------------------- training state
+
+
+class CheckpointSaveError(RuntimeError):
+    """A training checkpoint could not be written; checkpoints saved before it are intact."""
 
 
 class TrainCheckpointer:
@@ -110,24 +258,77 @@ class TrainCheckpointer:
 
     Frozen params are not saved (they come from the base again at resume). ``save`` is a no-op
     except every ``save_every`` steps; the newest ``max_to_keep`` checkpoints are kept.
+
+    A failed save (a full disk, say) raises ``CheckpointSaveError`` naming its step and removes its
+    partial folder, so the next save can succeed once space is free. With ``async_save=True`` the
+    writing happens in the background, so its failure is reported by the next due ``save``, by
+    ``wait`` or by ``close``; use ``async_save=False`` to have each save report its own failure.
+    Partial folders that a killed process left behind are removed when a checkpointer opens the
+    directory (one writer per directory).
     """
 
     def __init__(self, directory: str | Path, mask: Params, *, max_to_keep: int = 3, save_every: int = 1000,
                  async_save: bool = True):
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
+        if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+            raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
         self.mask = mask
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise FileExistsError(f"{self.directory} is a file; TrainCheckpointer needs a folder")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_partial()
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
+                                                     enable_async_checkpointing=async_save)
+        self._open_manager()
+        self._pending: int | None = None
 
-    def _item(self, state: TrainState) -> dict:
-        trainable, _ = partition(state.params, self.mask)
-        return {"trainable": trainable, "opt_state": state.opt_state, "step": state.step,
+    def _remove_partial(self) -> None:
+        """Remove the partial folders of failed or killed saves (call when no save is in flight)."""
+        for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _open_manager(self) -> None:
+        with _quiet_orbax():
+            self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+    def _failed(self, step: int | None, err: BaseException) -> CheckpointSaveError:
+        # Close the manager (it waits for its background writers), clean up after the failed save, and
+        # start a fresh manager: orbax would otherwise report the stale failure again at the next save.
+        with contextlib.suppress(Exception):
+            self.manager.close()
+        self._remove_partial()
+        self._open_manager()
+        return CheckpointSaveError(f"saving the training checkpoint of step {step} to {self.directory} failed "
+                                   f"({_short(err)}); its partial files were removed, earlier checkpoints are intact")
+
+    def _finish_pending(self) -> None:
+        """Wait for a background save; if it failed, clean up and report it by its step."""
+        pending, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._failed(pending, err) from err
+
+    @staticmethod
+    def _item(state: TrainState) -> dict:
+        return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step,
                 "rng": jax.random.key_data(state.rng)}
 
     def save(self, state: TrainState, force: bool = False) -> bool:
         """Save if this step is due (or ``force``); True if a checkpoint was started."""
-        return self.manager.save(int(state.step), args=ocp.args.StandardSave(self._item(state)), force=force)
+        step = int(state.step)
+        if not force and not self.manager.should_save(step):
+            return False
+        self._finish_pending()
+        try:
+            with _quiet_orbax():
+                started = self.manager.save(step, args=ocp.args.StandardSave(self._item(state)), force=force)
+        except Exception as err:
+            raise self._failed(step, err) from err
+        self._pending = step if started else None
+        return started
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -138,14 +339,17 @@ class TrainCheckpointer:
         if step is None:
             raise FileNotFoundError(f"no training checkpoint in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._item(state))
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        _, frozen = partition(state.params, self.mask)
-        return TrainState(step=restored["step"], params=combine(restored["trainable"], frozen),
-                          opt_state=restored["opt_state"], rng=jax.random.wrap_key_data(restored["rng"]))
+        with _quiet_orbax():
+            restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return state.replace(step=restored["step"], trainable=restored["trainable"], opt_state=restored["opt_state"],
+                             rng=jax.random.wrap_key_data(restored["rng"]))
 
     def wait(self) -> None:
-        """Block until background saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until background saves are on disk; raises ``CheckpointSaveError`` if one failed."""
+        self._finish_pending()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self._finish_pending()
+        finally:
+            self.manager.close()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any, Literal, Sequence
+
+import numpy as np
 
 from .targets import matches, validate_patterns
 
@@ -57,19 +60,25 @@ class LoraConfig:
         for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             object.__setattr__(self, name, _as_tuple(value, name))
-        pattern = self.rank_pattern.items() if isinstance(self.rank_pattern, dict) else self.rank_pattern
-        object.__setattr__(self, "rank_pattern", tuple((str(k), v) for k, v in pattern))
-        for name, rank in (("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern)):
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"LoraConfig.{name} must be a positive integer, got {rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+        object.__setattr__(self, "rank_pattern", _rank_pattern(self.rank_pattern))
+        object.__setattr__(self, "rank", _positive_int(self.rank, "rank"))
+        object.__setattr__(self, "alpha", _finite_real(self.alpha, "alpha"))
+        object.__setattr__(self, "dropout", _finite_real(self.dropout, "dropout"))
+        if not self.alpha > 0:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, (bool, np.bool_)):
+            raise ValueError(f"LoraConfig.rslora must be True or False, got {self.rslora!r} "
+                             f"({type(self.rslora).__name__})")
+        object.__setattr__(self, "rslora", bool(self.rslora))
         if self.init not in _INIT_MODES:
             raise ValueError(f"LoraConfig.init must be one of {_INIT_MODES}, got {self.init!r}")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
+        if not isinstance(self.dropout_rng, str) or not self.dropout_rng:
+            raise ValueError(f"LoraConfig.dropout_rng must be the non-empty name of an rng stream, "
+                             f"got {self.dropout_rng!r}")
         if not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one layer to adapt")
         validate_patterns(self.targets + self.exclude + self.modules_to_save + tuple(k for k, _ in self.rank_pattern))
@@ -100,6 +109,8 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         """Inverse of ``to_dict``; unknown keys are an error, so typos do not pass silently."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a LoraConfig is read from a JSON object, got {type(data).__name__}: {data!r:.80}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -111,7 +122,41 @@ class LoraConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "LoraConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"LoraConfig JSON is malformed: {err}") from None
+        return cls.from_dict(data)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"LoraConfig.{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _finite_real(value: Any, name: str) -> float:
+    """A real number (not a bool or a string), finite: inf or NaN would poison every update."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"LoraConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"LoraConfig.{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _rank_pattern(value: Any) -> tuple[tuple[str, int], ...]:
+    """``{pattern: rank}`` or a sequence of (pattern, rank) pairs -> a tuple of pairs, validated."""
+    try:
+        items = list(value.items()) if isinstance(value, dict) else [tuple(pair) for pair in value]
+    except TypeError:
+        raise ValueError(f"LoraConfig.rank_pattern must be a dict {{pattern: rank}}, got {value!r}") from None
+    out = []
+    for pair in items:
+        if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
+            raise ValueError(f"LoraConfig.rank_pattern entry {pair!r} is not a (pattern, rank) pair with a "
+                             f"non-empty string pattern")
+        out.append((pair[0], _positive_int(pair[1], f"rank_pattern[{pair[0]!r}]")))
+    return tuple(out)
 
 
 def _as_tuple(value: str | Sequence[str], name: str) -> tuple[str, ...]:

@@ -53,6 +53,12 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+# The methods that apply a layer's weight: an Embed's table is also used, transposed, by ``attend``
+# (tied input/output embeddings), so a targeted Embed adapts both and ``merge`` stays exact.
+ADAPTED_METHODS = {"dense": ("__call__",), "dense_general": ("__call__",), "einsum": ("__call__",),
+                   "conv": ("__call__",), "embed": ("__call__", "attend")}
+
+
 def base_leaf_name(kind: str) -> str:
     return "embedding" if kind == "embed" else "kernel"
 
@@ -130,12 +136,19 @@ def lora_update(
     config: LoraConfig,
     path: str,
     dropout_key: Array | None,
+    method: str = "__call__",
 ) -> Array:
-    """scale · f(x; A, B) for one call of a targeted layer, creating lora_A / lora_B in its scope."""
+    """scale · f(x; A, B) for one call of a targeted layer, creating lora_A / lora_B in its scope.
+
+    ``method`` is the layer method being called: ``'attend'`` on an Embed computes the update of
+    ``query @ embedding.T``, i.e. ``query @ (A·B).T``.
+    """
     config = config.replace(rank=config.rank_for(path), rank_pattern=())  # this layer's rank and scale
     scope = module.scope
     weight = nn.meta.unbox(scope.get_variable("params", base_leaf_name(kind)))
-    x = args[0] if args else kwargs["inputs"]
+    x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
+    if method == "attend":
+        return config.scale * _embed_attend(module, x, weight, config, path, dropout_key)
     make = {
         "dense": _dense,
         "dense_general": _dense_general,
@@ -158,6 +171,10 @@ def _params(module, config, path, a_shape, b_shape, fan_in, kind, dtype):
             have = tuple(scope.get_variable("params", name).shape)
             if have != tuple(want):
                 raise ValueError(f"{name} at '{path}' has shape {have}, but this layer needs {tuple(want)}")
+    if scope.has_variable("params", "lora_A") != scope.has_variable("params", "lora_B"):
+        raise ValueError(f"layer '{path}' holds only one of lora_A / lora_B; an adapter needs both")
+    if scope.has_variable("params", "lora_A"):  # read, not re-declared: a layer may run twice per call
+        return scope.get_variable("params", "lora_A"), scope.get_variable("params", "lora_B")
     a = scope.param("lora_A", _a_init(config, fan_in, kind), a_shape, dtype)
     b = scope.param("lora_B", nn.initializers.zeros, b_shape, dtype)
     return a, b
@@ -251,6 +268,17 @@ def _embed(module, x, embedding, args, kwargs, config, path, key):
     a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed", embedding.dtype)
     dtype = module.dtype or embedding.dtype
     return jnp.matmul(jnp.take(a, x, axis=0).astype(dtype), b.astype(dtype))
+
+
+def _embed_attend(module, query, embedding, config, path, key):
+    """The update of ``Embed.attend``: query (..., features) @ (A (vocab, r) · B (r, features)).T."""
+    n_in, n_out = embedding.shape
+    _check_rank(config, path, n_in, n_out)
+    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed", embedding.dtype)
+    query = _dropout(query, config.dropout, key)
+    dtype = module.dtype or embedding.dtype
+    h = jnp.matmul(query.astype(dtype), b.astype(dtype).T)
+    return jnp.matmul(h, a.astype(dtype).T)
 
 
 # --------------------------------------------------------------------------- re-entrancy guard

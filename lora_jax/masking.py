@@ -16,6 +16,9 @@ from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
 LORA_LEAVES = ("lora_A", "lora_B")
+NO_LORA_LEAVES = ("these params hold no lora_A/lora_B leaves: add the adapter first with "
+                  "lora_jax.init_lora_params(model, base_params, rng, example_input) or model.init(...) on the "
+                  "model lora_jax.lora(...) returns")
 
 
 def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
@@ -35,6 +38,8 @@ def trainable_mask(params: Params, config: LoraConfig) -> dict:
     """A tree of bools shaped like ``params``: True for lora_A/lora_B, for biases per ``config.bias``,
     and for every leaf under a module named in ``config.modules_to_save``."""
     flat = _flat(params)
+    if not any(k[-1] in LORA_LEAVES for k in flat):
+        raise ValueError(NO_LORA_LEAVES)
     leaves_by_module: dict[tuple[str, ...], set[str]] = {}
     for key in flat:
         leaves_by_module.setdefault(key[:-1], set()).add(key[-1])

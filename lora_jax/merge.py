@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from .config import LoraConfig
 from .layers import weight_delta
-from .masking import LORA_LEAVES
+from .masking import LORA_LEAVES, NO_LORA_LEAVES
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -42,7 +42,10 @@ def merge(params: Params, config: LoraConfig) -> dict:
     The result is a param tree the *untransformed* model accepts, so inference costs nothing extra.
     """
     flat = traverse_util.flatten_dict(dict(params))
-    for module in _modules_with_lora(flat):
+    modules = _modules_with_lora(flat)
+    if not modules:
+        raise ValueError(f"merge: {NO_LORA_LEAVES} (already merged params need no merge)")
+    for module in modules:
         key = base_leaf_key(flat, module)
         a, b = flat.pop(module + ("lora_A",)), flat.pop(module + ("lora_B",))
         w = flat[key]
@@ -58,7 +61,10 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
     """
     flat = traverse_util.flatten_dict(dict(params))
     flat_adapter = {k: v for k, v in traverse_util.flatten_dict(dict(adapter)).items() if k[-1] in LORA_LEAVES}
-    for module in _modules_with_lora(flat_adapter):
+    modules = _modules_with_lora(flat_adapter)
+    if not modules:
+        raise ValueError("unmerge: the adapter holds no lora_A/lora_B leaves to subtract")
+    for module in modules:
         if module + ("lora_A",) in flat:
             raise ValueError(f"module '{path_str(module)}' already holds LoRA leaves: these params are not merged")
         key = base_leaf_key(flat, module)

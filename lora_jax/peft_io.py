@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from .adapters import Adapter, extract_adapter
+from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_adapter
+from .safetensors_io import read_safetensors
 from .config import LoraConfig
 from .targets import REGEX_PREFIX
 
@@ -104,7 +105,9 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
     tmp = directory / f".adapter_model.safetensors.tmp-{uuid.uuid4().hex[:8]}"
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, directory / "adapter_model.safetensors")
-    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    tmp_config = directory / f".adapter_config.json.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_config.write_text(json.dumps(adapter_config, indent=2))
+    os.replace(tmp_config, directory / "adapter_config.json")
     return directory
 
 
@@ -112,7 +115,12 @@ def _read_peft_config(directory: Path) -> dict:
     path = directory / "adapter_config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no adapter_config.json")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of PEFT settings")
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory} holds a PEFT {data.get('peft_type')} adapter; only LORA is supported")
     enabled = [flag for flag in _UNSUPPORTED_FLAGS if data.get(flag)]
@@ -121,19 +129,42 @@ def _read_peft_config(directory: Path) -> dict:
     for option in ("alpha_pattern", "layers_to_transform", "layer_replication", "target_parameters"):
         if data.get(option):
             raise ValueError(f"{directory}: PEFT option {option}={data[option]!r} is not supported by lora_jax")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if data.get(field) is None:
+            raise ValueError(f"{path} lacks the field {field!r}, which a PEFT LoRA adapter_config.json always has")
     return data
 
 
-def _config_from_peft(data: dict) -> LoraConfig:
+def _config_from_peft(data: dict, path: Path) -> LoraConfig:
     targets = data.get("target_modules") or ()
     targets = (REGEX_PREFIX + targets,) if isinstance(targets, str) else tuple(targets)
     exclude = data.get("exclude_modules") or ()
     exclude = (REGEX_PREFIX + exclude,) if isinstance(exclude, str) else tuple(exclude)
     saved = tuple(dict.fromkeys(data.get("modules_to_save") or ()))
-    return LoraConfig(rank=int(data["r"]), alpha=float(data["lora_alpha"]), targets=targets, exclude=exclude,
-                      dropout=float(data.get("lora_dropout") or 0.0), rslora=bool(data.get("use_rslora")),
-                      bias=data.get("bias", "none"), modules_to_save=saved,
-                      rank_pattern={k: int(v) for k, v in (data.get("rank_pattern") or {}).items()})
+    try:
+        return LoraConfig(rank=data["r"], alpha=data["lora_alpha"], targets=targets, exclude=exclude,
+                          dropout=data.get("lora_dropout") or 0.0, rslora=bool(data.get("use_rslora")),
+                          bias=data.get("bias", "none"), modules_to_save=saved,
+                          rank_pattern=data.get("rank_pattern") or {})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err} (PEFT names: r, lora_alpha, lora_dropout, target_modules, rank_pattern)") \
+            from None
+
+
+def _check_lora_shapes(out: dict, config: LoraConfig, weights: Path) -> None:
+    """Each layer has both factors, A (.., r) and B of rank r matching the config's rank for it."""
+    modules = sorted({k[:-1] for k in out if k[-1] in ("lora_A", "lora_B")})
+    for module in modules:
+        name = ".".join(module)
+        a, b = out.get(module + ("lora_A",)), out.get(module + ("lora_B",))
+        if a is None or b is None:
+            raise ValueError(f"{weights}: layer '{name}' has only one of lora_A / lora_B")
+        rank = config.rank_for("/".join(module))
+        if a.ndim < 2 or b.ndim < 2:
+            raise ValueError(f"{weights}: layer '{name}' has lora_A / lora_B of {a.ndim} and {b.ndim} dimensions")
+        if a.shape[-1] != rank or b.shape[-2] != rank:  # ours: A (..., r), B (r, out) or conv (1, 1, r, out)
+            raise ValueError(f"{weights}: layer '{name}' has factors of rank {a.shape[-1]} (lora_A) and {b.shape[-2]} "
+                             f"(lora_B), but adapter_config.json gives it rank {rank}")
 
 
 def import_peft(directory: str | Path, base_params: Params | None = None) -> Adapter:
@@ -143,17 +174,15 @@ def import_peft(directory: str | Path, base_params: Params | None = None) -> Ada
     embedding vs LayerNorm scale); without it, 2-D ``weight`` is read as a Dense kernel and 1-D as a
     LayerNorm scale. Modules the model does not have are named in the error of ``apply_adapter``.
     """
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     data = _read_peft_config(directory)
-    config = _config_from_peft(data)
+    config = _config_from_peft(data, directory / "adapter_config.json")
     weights = directory / "adapter_model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{directory} has no adapter_model.safetensors")
     flat_base = traverse_util.flatten_dict(dict(base_params)) if base_params is not None else None
     out: dict[tuple[str, ...], np.ndarray] = {}
-    for name, value in load_file(str(weights)).items():
+    for name, value in read_safetensors(weights).items():
         if not name.startswith(PREFIX):
             raise ValueError(f"unexpected key {name!r} in {weights} (expected the '{PREFIX}' prefix)")
         parts = name[len(PREFIX):].split(".")
@@ -165,9 +194,14 @@ def import_peft(directory: str | Path, base_params: Params | None = None) -> Ada
             module = tuple(parts[:-1])
             leaf = _our_leaf(module, parts[-1], value, flat_base)
             out[module + (leaf,)] = _our_layout(value) if leaf == "kernel" else value
+    _check_lora_shapes(out, config, weights)
+    params = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in out.items()})
+    check_targets_cover(params, config, source=str(directory))
+    if base_params is not None:
+        check_adapter_fits(base_params, params)
     meta = {"peft_task_type": data.get("task_type"), "base_model": data.get("base_model_name_or_path"),
             "source": str(directory)}
-    return Adapter(traverse_util.unflatten_dict({k: np.asarray(v) for k, v in out.items()}), config, meta)
+    return Adapter(params, config, meta)
 
 
 def _our_leaf(module, torch_leaf, value, flat_base) -> str:

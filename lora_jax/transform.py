@@ -16,7 +16,7 @@ import jax
 import flax.linen as nn
 
 from .config import LoraConfig
-from .layers import SUPPORTED, in_internal_call, layer_kind, lora_update
+from .layers import ADAPTED_METHODS, SUPPORTED, in_internal_call, layer_kind, lora_update
 from .targets import any_matches, matches, path_str
 
 
@@ -50,20 +50,21 @@ class LoraModule(nn.Module):
         """Call ``base.<method>`` with LoRA active, e.g. ``model.apply(p, x, method='call_method',
         ...)``; ``__call__`` is ``call_method('__call__', ...)``."""
         record = _TraceRecord(hits={t: 0 for t in self.config.targets})
-        with nn.intercept_methods(self._interceptor(record)):
+        dropout_on = self.config.dropout > 0 and self.scope.has_rng(self.config.dropout_rng)
+        with nn.intercept_methods(self._interceptor(record, dropout_on)):
             out = getattr(self.base, method)(*args, **kwargs)
         _check_targets(self.config, record)
         return out
 
-    def _interceptor(self, record: _TraceRecord):
+    def _interceptor(self, record: _TraceRecord, dropout_on: bool):
         config = self.config
 
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
-            if context.method_name != "__call__" or in_internal_call():
+            if in_internal_call():
                 return next_fun(*args, **kwargs)
             kind = layer_kind(module)
-            if kind is None or module.scope is None:
+            if kind is None or module.scope is None or context.method_name not in ADAPTED_METHODS[kind]:
                 return next_fun(*args, **kwargs)
             path = path_str(module.scope.path)
             record.adaptable[path] = kind
@@ -75,9 +76,16 @@ class LoraModule(nn.Module):
             record.targeted.add(path)
             out = next_fun(*args, **kwargs)
             key = None
-            if config.dropout > 0 and module.scope.has_rng(config.dropout_rng):
+            if dropout_on:
+                if not module.scope.has_rng(config.dropout_rng):
+                    raise ValueError(
+                        f"LoRA dropout is on (rate {config.dropout}) and the '{config.dropout_rng}' rng stream was "
+                        f"passed to apply, but layer '{path}' cannot see it: it runs inside a lifted transform "
+                        f"(nn.scan / nn.vmap) that does not split that stream, so its dropout would silently be "
+                        f"off. Add it to the transform's split_rngs, e.g. nn.scan(..., split_rngs={{'params': "
+                        f"True, '{config.dropout_rng}': True}}).")
                 key = module.scope.make_rng(config.dropout_rng)
-            update = lora_update(module, kind, args, kwargs, config, path, key)
+            update = lora_update(module, kind, args, kwargs, config, path, key, method=context.method_name)
             return out + update.astype(out.dtype)
 
         return interceptor

@@ -143,3 +143,41 @@ def test_seed_summary_gives_mean_and_sample_sd_per_mode():
     assert summarize(runs) == [["lora", 2, 10, "0.7200 ± 0.0283", "0.6200 ± 0.0283", 2.0],
                                ["full", 2, 100, "0.7400 ± 0.0000", "0.6800 ± 0.0283", 2.0]]
     assert summarize(runs[:2])[0][3:5] == ["0.7000", "0.6000"]  # one seed: no spread
+
+
+def test_non_utf8_and_empty_files_are_named(tmp_path):
+    seg = tmp_path / "Laptops_Train.xml.seg"
+    seg.write_bytes(b"good $T$ here\nscreen\n1\n\xff\xfe bad $T$\nkeys\n0\n")
+    with pytest.raises(ValueError, match=r"Laptops_Train\.xml\.seg:4: not UTF-8 text \(byte 0xff"):
+        read_seg(seg)
+    seg.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"Laptops_Train\.xml\.seg is empty"):
+        read_seg(seg)
+    xml = tmp_path / "Laptop_Train_v2.xml"
+    xml.write_text("<sentences><sentence id='1'><text>No aspects.</text></sentence></sentences>")
+    with pytest.raises(ValueError, match="holds no aspect terms"):
+        read_xml(xml)
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--lr", "0"), ("--lr", "-1"), ("--batch-size", "0"),
+                                         ("--max-len", "0"), ("--dev-fraction", "1.5"), ("--dev-fraction", "0"),
+                                         ("--limit", "0"), ("--lora-dropout", "1"), ("--seeds", "0,0"),
+                                         ("--warmup", "-0.1"), ("--rank", "0")])
+def test_bad_train_flags_are_refused_at_parse_time(flag, value, capsys):
+    from experiments import bert_absa
+
+    with pytest.raises(SystemExit) as exit_info:
+        bert_absa.parse_args(["train", flag, value])
+    assert exit_info.value.code == 2
+    assert "argument " + flag in capsys.readouterr().err or "--max-len" in flag
+
+
+def test_predict_refuses_empty_input_and_warns_about_absent_aspects():
+    from experiments.bert_absa import check_aspects
+
+    with pytest.raises(ValueError, match="sentence is empty"):
+        check_aspects("  ", ["battery"])
+    with pytest.raises(ValueError, match="--aspect .* is empty"):
+        check_aspects("Great battery.", [""])
+    with pytest.warns(UserWarning, match="aspect 'screen' does not occur in the sentence"):
+        check_aspects("Great battery.", ["battery", "screen"])

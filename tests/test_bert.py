@@ -132,19 +132,6 @@ def test_uncached_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):
         from_pretrained("no-such-org/no-such-bert")
 
 
-def test_pickle_with_foreign_globals_is_refused(tmp_path):
-    import pickle
-    import zipfile
-
-    from lora_jax.models import load_torch_bin
-
-    path = tmp_path / "pytorch_model.bin"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("archive/data.pkl", pickle.dumps({"w": print}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load 'builtins.print'"):
-        load_torch_bin(path)
-
-
 @pytest.mark.slow
 def test_lora_by_peft_names_hits_two_layers_per_block_and_counts_like_peft(minilm):
     peft = pytest.importorskip("peft")
@@ -204,3 +191,25 @@ def test_unknown_remat_policy_is_refused():
 
     with pytest.raises(ValueError, match=r"unknown remat 'everything'; choose from \['dots', 'full', 'none'\]"):
         BertConfig(remat="everything")
+
+
+def test_broken_model_folders_name_the_file(tmp_path):
+    from lora_jax.models import BertConfig
+
+    (tmp_path / "config.json").write_text('{"hidden_size": 32, ')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        from_pretrained(tmp_path, with_tokenizer=False)
+    huge = dict(BertConfig().to_dict(), vocab_size=10 ** 12)
+    (tmp_path / "config.json").write_text(__import__("json").dumps(huge))
+    with pytest.raises(ValueError, match=r"config.json describes a model of [\d,]+ parameters .*vocab_size "
+                                         r"1000000000000"):
+        from_pretrained(tmp_path, with_tokenizer=False)
+    small = dict(BertConfig().to_dict(), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, vocab_size=100, max_position_embeddings=16)
+    (tmp_path / "config.json").write_text(__import__("json").dumps(dict(small, num_hidden_layers=-1)))
+    with pytest.raises(ValueError, match=r"config.json: num_hidden_layers must be a positive integer, got -1"):
+        from_pretrained(tmp_path, with_tokenizer=False)
+    (tmp_path / "config.json").write_text(__import__("json").dumps(small))
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file"):
+        from_pretrained(tmp_path, with_tokenizer=False)

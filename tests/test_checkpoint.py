@@ -1,11 +1,12 @@
 """Adapter checkpoints, resumable training state, atomic saves."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import chex
@@ -16,7 +17,7 @@ import optax
 import pytest
 
 import lora_jax
-from lora_jax import LoraConfig
+from lora_jax import LoraConfig, checkpoint
 from lora_jax.models import MLP
 from tests.conftest import randomize_lora
 
@@ -57,16 +58,143 @@ def test_loading_onto_a_different_base_names_leaf_and_shapes(tmp_path):
         lora_jax.apply_adapter({**other_base, "fc3": {"kernel": jnp.zeros((8, 4))}}, {"fc3": {"kernel": jnp.zeros((8, 3))}})
 
 
-def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
-    _, config, params, _ = _mlp_lora()
-    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter checkpoint"):
         lora_jax.load_adapter(tmp_path / "nothing-here")
-    for data_file in (path / "params").rglob("*"):
-        if data_file.is_file() and data_file.stat().st_size > 100 and "ocdbt.process_0/d" in str(data_file):
-            data_file.write_bytes(b"\x00" * 17)
-    (path / "config" / "metadata").write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable or corrupt"):
+
+
+def test_each_damaged_file_is_named_or_the_load_returns_the_original(tmp_path):
+    """Damage every file of a saved adapter in turn (zeroed, truncated, one byte flipped, deleted)."""
+    _, config, params = _mlp_lora()[:3]
+    original = lora_jax.save_adapter(tmp_path / "orig", params, config)
+    expected = lora_jax.extract_adapter(params, config).params
+    files = sorted(str(f.relative_to(original)) for f in original.rglob("*") if f.is_file())
+    assert len(files) > 10
+    for rel in files:
+        for damage in ("zero", "truncate", "flip", "delete"):
+            case = tmp_path / "case"
+            shutil.rmtree(case, ignore_errors=True)
+            shutil.copytree(original, case)
+            target = case / rel
+            raw = target.read_bytes()
+            if damage == "delete":
+                target.unlink()
+            else:
+                damaged = {"zero": b"\0" * len(raw), "truncate": raw[: len(raw) // 2],
+                           "flip": raw[:len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0xFF]) + raw[len(raw) // 2 + 1:]}
+                target.write_bytes(damaged[damage])
+            try:
+                adapter = lora_jax.load_adapter(case)
+            except ValueError as err:
+                assert str(case) in str(err), (rel, damage, err)
+                assert rel in str(err) or "lora_jax_adapter.json" in str(err), (rel, damage, err)
+                continue
+            chex.assert_trees_all_equal(adapter.params, expected)  # a file the load does not need
+            assert adapter.config == config
+
+
+def test_saving_over_a_folder_that_is_not_an_adapter_is_refused_and_touches_nothing(tmp_path):
+    _, config, params = _mlp_lora()[:3]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=r"work exists and is not a lora_jax adapter.*thesis\.tex"):
+        lora_jax.save_adapter(work, params, config)
+    assert (work / "thesis.tex").read_text() == "years of work"
+    notes = tmp_path / "notes"
+    notes.write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes exists and is a file"):
+        lora_jax.save_adapter(notes, params, config)
+    assert notes.read_text() == "keep me"
+    adapter = lora_jax.save_adapter(tmp_path / "adapter", params, config)
+    (adapter / "my_notes.md").write_text("mine")  # a user file dropped into an adapter folder
+    with pytest.raises(FileExistsError, match=r"also holds \['my_notes.md'\]"):
+        lora_jax.save_adapter(adapter, params, config)
+    assert (adapter / "my_notes.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "notes", "work"]
+
+
+def test_an_adapter_saved_without_manifest_is_still_recognised(tmp_path):
+    """Adapters written by lora_jax 0.1.0 have no lora_jax_adapter.json: they load and may be overwritten."""
+    _, config, params = _mlp_lora()[:3]
+    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+    (path / "lora_jax_adapter.json").unlink()
+    chex.assert_trees_all_equal(lora_jax.load_adapter(path).params, lora_jax.extract_adapter(params, config).params)
+    newer = randomize_lora(params, seed=9)
+    lora_jax.save_adapter(path, newer, config)
+    chex.assert_trees_all_equal(lora_jax.load_adapter(path).params, lora_jax.extract_adapter(newer, config).params)
+
+
+KILLED_ADAPTER_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import jax
+    import lora_jax
+    from lora_jax import folder_swap
+    from tests.test_checkpoint import _mlp_lora
+    from tests.conftest import randomize_lora
+    _, config, params = _mlp_lora()[:3]
+    renames = []
+    real = folder_swap._rename
+    def rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:  # the old adapter is aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+    folder_swap._rename = rename
+    lora_jax.save_adapter(sys.argv[1], randomize_lora(params, seed=7), config)
+""")
+
+
+def test_adapter_save_killed_between_renames_is_restored_by_load(tmp_path):
+    _, config, params = _mlp_lora()[:3]
+    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_ADAPTER_SAVE)
+    proc = subprocess.run([sys.executable, str(script), str(path)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not path.exists() and any(p.name.startswith(".a.old-") for p in tmp_path.iterdir())
+    restored = lora_jax.load_adapter(path)
+    chex.assert_trees_all_equal(restored.params, lora_jax.extract_adapter(params, config).params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "killed.py"]
+
+
+def test_adapter_on_a_base_with_other_weights_is_refused_unless_not_strict(tmp_path):
+    _, config, params = _mlp_lora()[:3]
+    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+    _, base = lora_jax.partition(params, lora_jax.trainable_mask(params, config))
+    lora_jax.load_adapter(path, base_params=base)  # its own base
+    other = jax.tree.map(lambda x: x * 0.5, base)  # same shapes, other weights
+    with pytest.raises(lora_jax.BaseMismatchError, match="trained on a different base"):
+        lora_jax.load_adapter(path, base_params=other)
+    adapter = lora_jax.load_adapter(path)
+    with pytest.raises(lora_jax.BaseMismatchError):
+        lora_jax.apply_adapter(other, adapter)
+    with pytest.warns(UserWarning, match="different base"):
+        lora_jax.apply_adapter(other, adapter, strict=False)
+
+
+def test_config_whose_targets_miss_saved_lora_leaves_is_an_error(tmp_path):
+    _, config, params = _mlp_lora()[:3]
+    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+    config_file = path / "config" / "metadata"
+    edited = json.loads(config_file.read_text())
+    edited["targets"] = ["fc1"]  # fc2 still holds lora_A / lora_B
+    config_file.write_text(json.dumps(edited))
+    checkpoint._write_manifest(path)
+    with pytest.raises(ValueError, match=r"lora_A/lora_B for layers its config does not target \(\['fc2'\]"):
+        lora_jax.load_adapter(path)
+
+
+def test_an_implausibly_large_saved_shape_is_refused_before_allocating(tmp_path):
+    tensorstore = pytest.importorskip("tensorstore")
+    _, config, params = _mlp_lora()[:3]
+    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{path}/params/"}, "path": "fc1.lora_A"}
+    array = tensorstore.open(spec).result()
+    array.resize(exclusive_max=[10 ** 6, 10 ** 6], resize_metadata_only=True, expand_only=True).result()
+    checkpoint._write_manifest(path)  # as a hostile file would: consistent, and huge
+    with pytest.raises(ValueError, match=r"4,000,000,000,\d+ bytes, more than this machine's memory"):
         lora_jax.load_adapter(path)
 
 
@@ -149,47 +277,87 @@ def test_restore_without_checkpoint_is_an_error(tmp_path):
 
 
 CRASHING_SAVER = textwrap.dedent("""
-    import sys, jax, jax.numpy as jnp, optax, lora_jax
+    import os, signal, sys
+    import jax, jax.numpy as jnp, optax, lora_jax
+    from orbax.checkpoint._src.path import atomicity
     from lora_jax.models import MLP
     config = lora_jax.LoraConfig(rank=2, targets=("fc1",), modules_to_save=("fc2",))
-    model = lora_jax.lora(MLP((16, 2048)), config)
-    params = model.init(jax.random.key(0), jnp.ones((1, 8192)))["params"]  # fc2 holds 16 x 2048 floats, fc1 A 8192 x 2
+    model = lora_jax.lora(MLP((16, 64)), config)
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
     mask = lora_jax.trainable_mask(params, config)
     ckpt = lora_jax.TrainCheckpointer(sys.argv[1], mask, save_every=1, async_save=False)
     state = lora_jax.TrainState.create(params, mask, optax.adam(1e-3), jax.random.key(0))
-    ckpt.save(state.replace(step=jnp.asarray(1)))
-    print("saved 1", flush=True)
-    for step in range(2, 1000):
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def finalize(self, *args, **kwargs):
+        if self.get_final().name == "3":  # step 3 is fully written but not yet committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await real_finalize(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    for step in range(1, 5):
         ckpt.save(state.replace(step=jnp.asarray(step)))
-        print(f"saved {step}", flush=True)
 """)
 
 
+def _small_checkpoint_setup():
+    config = LoraConfig(rank=2, targets=("fc1",), modules_to_save=("fc2",))
+    model = lora_jax.lora(MLP((16, 64)), config)
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    mask = lora_jax.trainable_mask(params, config)
+    return params, mask, lora_jax.TrainState.create(params, mask, optax.adam(1e-3), jax.random.key(0))
+
+
 def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
-    """Kill the writer while it saves checkpoints in a loop; the newest committed one still loads."""
+    """Kill the writer at a chosen point (step 3 written, not committed): step 2 loads, the next run saves again."""
     script = tmp_path / "saver.py"
     script.write_text(CRASHING_SAVER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ckpt")], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    seen = 0
-    deadline = time.time() + 120
-    while seen < 3 and time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("saved"):
-            seen += 1
-    time.sleep(0.05)  # land somewhere inside a later save
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert seen == 3
-    config = LoraConfig(rank=2, targets=("fc1",), modules_to_save=("fc2",))
-    model = lora_jax.lora(MLP((16, 2048)), config)
-    params = model.init(jax.random.key(0), jnp.ones((1, 8192)))["params"]
-    mask = lora_jax.trainable_mask(params, config)
-    ckpt = lora_jax.TrainCheckpointer(tmp_path / "ckpt", mask)
-    latest = ckpt.latest_step()
-    assert latest is not None and latest >= 3
-    restored = ckpt.restore(lora_jax.TrainState.create(params, mask, optax.adam(1e-3), jax.random.key(0)))
-    assert int(restored.step) == latest
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, lora_jax.partition(restored.params, mask)[0]),
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("3.")) == ["1", "2"]
+    assert any(p.name.startswith("3.orbax-checkpoint-tmp") for p in (tmp_path / "ckpt").iterdir())
+    params, mask, state = _small_checkpoint_setup()
+    ckpt = lora_jax.TrainCheckpointer(tmp_path / "ckpt", mask, save_every=1, async_save=False)
+    assert not any("orbax-checkpoint-tmp" in p.name for p in (tmp_path / "ckpt").iterdir())  # the partial is gone
+    assert ckpt.latest_step() == 2
+    restored = ckpt.restore(state)
+    assert int(restored.step) == 2
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored.trainable),
                                 jax.tree.map(np.asarray, lora_jax.partition(params, mask)[0]))
+    assert ckpt.save(restored.replace(step=jnp.asarray(3)))
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+
+
+def test_failed_training_save_names_its_step_removes_its_partial_folder_and_the_next_save_works(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.path import atomicity
+
+    _, mask, state = _small_checkpoint_setup()
+    ckpt = lora_jax.TrainCheckpointer(tmp_path / "ckpt", mask, save_every=1, async_save=False)
+    ckpt.save(state.replace(step=jnp.asarray(1)))
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+    with pytest.raises(lora_jax.CheckpointSaveError, match="step 2 .* failed .*No space left.*earlier checkpoints "
+                                                           "are intact"):
+        ckpt.save(state.replace(step=jnp.asarray(2)))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real_finalize)
+    assert ckpt.save(state.replace(step=jnp.asarray(3)))
+    ckpt.wait()
+    assert ckpt.manager.all_steps() == [1, 3]
+    ckpt.close()
+
+
+def test_saving_and_loading_print_nothing_even_for_a_damaged_adapter(tmp_path, capfd):
+    _, config, params = _mlp_lora()[:3]
+    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+    lora_jax.load_adapter(path)
+    data = next(f for f in (path / "params" / "d").iterdir())
+    data.write_bytes(b"\x00" * 17)
+    with pytest.raises(ValueError, match=r"file params/d/\w+ is damaged"):
+        lora_jax.load_adapter(path)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured

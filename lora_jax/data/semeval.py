@@ -39,9 +39,16 @@ class AspectExample:
 def read_seg(path: str | Path, keep_conflict: bool = False) -> list[AspectExample]:
     """ABSA-PyTorch's 3-line format: sentence with $T$, aspect, polarity -1/0/1."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "
+                         f"save the file as UTF-8") from None
     while lines and not lines[-1].strip():
         lines.pop()
+    if not lines:
+        raise ValueError(f"{path} is empty: expected lines of sentence (with $T$), aspect, polarity")
     if len(lines) % 3:
         raise ValueError(f"{path}: {len(lines)} lines is not a multiple of 3 (sentence, aspect, polarity)")
     examples = []
@@ -80,6 +87,8 @@ def read_xml(path: str | Path, keep_conflict: bool = False) -> list[AspectExampl
             if label == CONFLICT and not keep_conflict:
                 continue
             examples.append(AspectExample(text.strip(), term.get("term", "").strip(), label, where))
+    if not examples:
+        raise ValueError(f"{path} holds no aspect terms with a polarity")
     return examples
 
 

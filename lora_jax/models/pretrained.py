@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from flax import traverse_util
 
 from .bert import HEAD_MODULES, TASK_MODELS, BertConfig
 from .hub import resolve_model_dir
+from ..safetensors_io import read_safetensors
 from .torch_pickle import load_torch_bin
 
 log = logging.getLogger(__name__)
@@ -35,26 +37,63 @@ class Pretrained(NamedTuple):
     tokenizer: Any
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+
+
 def read_config(model_dir: Path, **overrides: Any) -> BertConfig:
+    """The model's ``config.json`` as a BertConfig; implausible sizes are refused before anything is allocated."""
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{model_dir} has no config.json")
-    return BertConfig.from_dict(json.loads(config_path.read_text()), **overrides)
+    data = _read_json(config_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(data).__name__}, not an object of model settings")
+    try:
+        config = BertConfig.from_dict(data, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    need = 4 * config.param_count()
+    if need > _memory_bytes():
+        raise ValueError(f"{config_path} describes a model of {config.param_count():,} parameters ({need:,} bytes in "
+                         f"float32), more than this machine's memory: check its sizes (vocab_size "
+                         f"{config.vocab_size}, hidden_size {config.hidden_size}, num_hidden_layers "
+                         f"{config.num_hidden_layers}, intermediate_size {config.intermediate_size}, "
+                         f"max_position_embeddings {config.max_position_embeddings})")
+    return config
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
 def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint folder as numpy arrays, keyed by their PyTorch names."""
-    from safetensors.numpy import load_file
+    """All tensors of a checkpoint folder as numpy arrays, keyed by their PyTorch names.
 
+    Safetensors (one file or shards with an index) are preferred whenever present; ``pytorch_model.bin``
+    is read only when no safetensors file exists, by a restricted reader (``load_torch_bin``).
+    """
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     if single.exists():
-        return dict(load_file(single))
+        return read_safetensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no valid 'weight_map' {{tensor name: shard file}}")
         state: dict[str, np.ndarray] = {}
-        for shard in shards:
-            state.update(load_file(model_dir / shard))
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (model_dir / shard).resolve()
+            if shard_path.parent != model_dir.resolve():
+                raise ValueError(f"{index} names shard {shard!r} outside the model folder")
+            state.update(read_safetensors(shard_path))
         return state
     if (model_dir / "pytorch_model.bin").exists():
         return load_torch_bin(model_dir / "pytorch_model.bin")
@@ -129,7 +168,8 @@ def from_pretrained(name_or_path: str | Path, task: str = "sequence_classificati
     """Load a Hugging Face BERT/RoBERTa checkpoint into our Flax model.
 
     Args:
-      name_or_path: a local folder, a Hub id (e.g. 'bert-base-uncased'), or 'packaged:minilm'.
+      name_or_path: a local folder, a Hub id (e.g. 'bert-base-uncased'), or 'packaged:minilm'. Weights
+        come from safetensors whenever the folder has them; ``pytorch_model.bin`` only otherwise.
       task: 'base' (encoder + pooler), 'sequence_classification', 'token_classification',
         'question_answering'.
       num_labels: labels of a classification head (its weights are new unless the checkpoint has them).

@@ -1,0 +1,133 @@
+"""Replace a folder with a new version so that nothing is lost, whatever stops the process.
+
+The new version is written to a hidden sibling ``.<name>.tmp-<id>`` and swapped in with two
+renames: the old folder becomes ``.<name>.old-<id>``, the new one takes its name, and the old one is
+removed. A process killed between the two renames leaves only ``.<name>.old-<id>``;
+``recover_folder`` (run by every save and every load) renames it back. Leftover temporary folders
+of crashed saves are removed by the next save. Saves and recoveries in one parent folder hold an
+advisory lock on it (POSIX ``flock``), so concurrent writers never delete each other's work.
+
+Only a folder the caller recognises as its own (or an empty one) is ever replaced: anything else
+at the target path is an error, and nothing is touched.
+
+    replace_folder(Path("adapters/a"), write=lambda tmp: save_files_into(tmp), recognise=is_adapter)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+# recognise(path) -> None when ``path`` is a complete folder of the caller's kind, else the reason it is not.
+Recognise = Callable[[Path], "str | None"]
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """One atomic rename (a seam for fault-injection tests)."""
+    os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``directory`` (a no-op where flock is unavailable)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _siblings(target: Path, kind: str) -> list[Path]:
+    """Leftover ``.<name>.<kind>-*`` siblings of ``target``, newest first."""
+    found = [p for p in target.parent.glob(f".{target.name}.{kind}-*")]
+    return sorted(found, key=lambda p: p.stat().st_mtime if p.exists() else 0.0, reverse=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def check_replaceable(target: Path, recognise: Recognise, what: str) -> None:
+    """Raise unless ``target`` is absent, an empty folder, or a folder ``recognise`` accepts."""
+    if target.is_symlink():
+        raise FileExistsError(f"{target} is a symbolic link; refusing to replace it with {what}. Pass the real "
+                              f"folder or another path.")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is a file, not {what}; refusing to replace it. Choose another "
+                              f"path or remove the file yourself.")
+    if not any(target.iterdir()):
+        return
+    reason = recognise(target)
+    if reason is not None:
+        raise FileExistsError(f"{target} exists and is not {what} ({reason}); refusing to overwrite it, nothing was "
+                              f"changed. Choose another path, or empty the folder yourself.")
+
+
+def recover_folder(target: Path, recognise: Recognise) -> bool:
+    """Finish what a killed replacement left behind; call with the parent's lock held.
+
+    If ``target`` is missing and a complete ``.<name>.old-*`` sibling exists, it is renamed back (True
+    is returned). Other ``.old-*`` and every ``.tmp-*`` sibling are leftovers and are removed.
+    """
+    if not target.parent.is_dir():
+        return False
+    restored = False
+    olds = _siblings(target, "old")
+    if not target.exists():
+        for old in olds:
+            if recognise(old) is None:
+                _rename(old, target)
+                restored = True
+                break
+    for leftover in _siblings(target, "old") + _siblings(target, "tmp"):
+        _remove(leftover)
+    return restored
+
+
+def replace_folder(target: Path, write: Callable[[Path], None], recognise: Recognise, what: str) -> Path:
+    """Write a new version of folder ``target`` with ``write(tmp_folder)`` and swap it in.
+
+    ``write`` fills a fresh (not yet existing) path; whatever it raises propagates, its partial
+    output is removed, and an existing ``target`` is left as it was.
+    """
+    target = Path(target).absolute()
+    check_replaceable(target, recognise, what)  # before anything is created
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with locked(target.parent):
+        recover_folder(target, recognise)
+        check_replaceable(target, recognise, what)  # again, under the lock
+        token = uuid.uuid4().hex[:8]
+        tmp = target.parent / f".{target.name}.tmp-{token}"
+        try:
+            write(tmp)
+            if not target.exists():
+                _rename(tmp, target)
+            else:
+                old = target.parent / f".{target.name}.old-{token}"
+                _rename(target, old)
+                _rename(tmp, target)
+                _remove(old)
+        finally:
+            for partial in target.parent.glob(f".{target.name}.tmp-{token}*"):  # the writer's own temp names too
+                _remove(partial)
+    return target

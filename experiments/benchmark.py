@@ -1,16 +1,24 @@
 """LoRA speed and memory, side by side with full fine-tuning and with PyTorch + PEFT.
 
-    python -m experiments.benchmark [--model minilm|bert-base-config|PATH] [--batch 32] [--seq 128]
+    python -m experiments.benchmark [--model minilm|bert-base-config|tiny-config|PATH] [--batch 32] [--seq 128]
                                     [--steps 10] [--out DIR] [--peft] [--no-scaling]
 
-Every figure is a median over ``--steps`` timed steps after warm-up (compile time is reported
-separately). Each training mode runs in its own process, so peak memories do not mix; the
-ours-vs-PEFT timings interleave the two (A B A B ...) in one process, so drift hits both.
+Figures are medians over ``--steps`` timed steps after warm-up (compile time is reported apart).
+Every ratio is measured in one process, the two sides alternating (A B A B ...) so that a change in
+the machine's load hits both; absolute times move with the load (±15% on a shared machine), the
+ratios much less. Each training mode also runs alone in its own process for its peak memory.
+Dropout is on in every training step (ours and PEFT's: the models' hidden and attention dropout).
+
+Reported: our LoRA step against PEFT's in float32 and in bfloat16 compute (PEFT under
+``torch.autocast``), our inference forward against transformers', LoRA against full fine-tuning,
+merged and unmerged LoRA forwards against the base forward, peak memory against PEFT's, and (unless
+``--no-scaling``) the LoRA step against rank, sequence length and batch size (``scaling.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -28,43 +36,57 @@ from .common import (machine_info, make_parser, output_dir, positive_int, print_
 
 TARGETS = ("query", "value")
 RANK = 8
-REMAT = "dots"  # the memory-saving variant measured beside the default LoRA run
-# XLA's CPU scheduler favours concurrency over memory by default, which keeps rematerialised activations
-# alive anyway; the remat run turns it off (a process-wide flag, so only in that worker's process).
-REMAT_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+REMAT = "dots"  # the experiments' default (per-layer activation checkpointing); 'none' is measured beside it
+# Every worker is a ``python -m experiments.benchmark`` process, so it runs with the XLA flag that
+# ``experiments/__init__.py`` sets (the concurrency-optimised CPU scheduler off).
 # Randomly initialised encoders of a given shape (no download): the bert-base shape, and a tiny one for smoke runs.
 CONFIG_MODELS = {
     "bert-base-config": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "tiny-config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                         vocab_size=2000, max_position_embeddings=64),
 }
+SCALING = {"rank": (1, 4, 16, 64), "seq": (64, 128, 256), "batch": (8, 16, 32)}
 
 
-# ----------------------------------------------------------------------------------- shared setup
+# ----------------------------------------------------------------------------------- timing
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def median_time(fn: Callable[[], Any], steps: int, warmup: int = 2) -> tuple[float, float]:
-    """(first call incl. compile, median of ``steps`` later calls), in seconds."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        fn()
-    times = []
-    for _ in range(steps):
+def interleaved(fns: dict[str, Callable[[], Any]], steps: int, warmup: int = 2,
+                max_seconds: float = float("inf"), min_rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Call every function once per round (A B C, A B C, ...): first call (compile), then ``warmup``
+    untimed rounds, then ``steps`` timed rounds (fewer, but at least ``min_rounds``, once the timed rounds
+    have taken ``max_seconds``). Returns {name: {"first_s", "median_s", "min_s", "rounds"}}."""
+    first = {}
+    for name, fn in fns.items():
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+        first[name] = time.perf_counter() - start
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    began = time.perf_counter()
+    for round_ in range(steps):
+        if round_ >= min_rounds and time.perf_counter() - began > max_seconds:
+            break
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"first_s": first[name], "median_s": statistics.median(t), "min_s": min(t), "rounds": len(t)}
+            for name, t in times.items()}
 
 
-def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: str = "none"):
-    """Our model, base params, LoRA model/params/mask/config and a batch, for ``model_name``
-    (``remat``: the encoder's per-layer activation checkpointing, see ``BertConfig.remat``)."""
+# ----------------------------------------------------------------------------------- our side
+
+
+def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: str = "none", dtype: str = "float32"):
+    """Our model, base params, LoRA model/params/config and a batch, for ``model_name``
+    (``remat``: per-layer activation checkpointing; ``dtype``: the compute dtype, see ``BertConfig``)."""
     import jax
     import jax.numpy as jnp
 
@@ -72,11 +94,12 @@ def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: st
     from lora_jax.models import BertConfig, BertForSequenceClassification, from_pretrained
 
     if model_name in CONFIG_MODELS:
-        model = BertForSequenceClassification(BertConfig(num_labels=3, remat=remat, **CONFIG_MODELS[model_name]))
+        model = BertForSequenceClassification(BertConfig(num_labels=3, remat=remat, dtype=dtype,
+                                                         **CONFIG_MODELS[model_name]))
         params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
     else:
         model, params, _ = from_pretrained("packaged:minilm" if model_name == "minilm" else model_name, num_labels=3,
-                                           with_tokenizer=False, remat=remat)
+                                           with_tokenizer=False, remat=remat, dtype=dtype)
     rng = np.random.RandomState(0)
     vocab = model.config.vocab_size
     data = {"ids": jnp.asarray(rng.randint(vocab // 2, vocab, (batch, seq)), jnp.int32),
@@ -88,7 +111,7 @@ def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: st
 
 
 def jax_step(net, params, mask, data):
-    """Our jitted train step on ``data``: (step_fn, TrainStep, initial state); step_fn runs one step."""
+    """Our jitted train step on ``data`` with dropout on: (run_one_step, TrainStep, state holder)."""
     import jax
     import optax
 
@@ -110,64 +133,28 @@ def jax_step(net, params, mask, data):
     return run, step, holder
 
 
-def jax_train_step(net, params, mask, data, steps: int) -> dict[str, Any]:
-    import lora_jax
-
-    run, step, holder = jax_step(net, params, mask, data)
-    start = time.perf_counter()
-    stats = step.compiled_stats(holder["state"], data)  # lowers and compiles the step: that is the compile time
-    compile_s = time.perf_counter() - start
-    first, median = median_time(run, steps)
-    trainable, total = lora_jax.count_parameters(params, mask)
-    return {"step_s": median, "first_call_s": first, "compile_s": compile_s, "flops": stats["flops"],
-            "xla_temp_bytes": stats["temp_bytes"],
-            "opt_state_bytes": tree_bytes(holder["state"].opt_state), "trainable_params": trainable,
-            "total_params": total}
-
-
-# ----------------------------------------------------------------------------------- workers
-
-
-def worker_train(args) -> dict[str, Any]:
-    """One training mode ('full' or 'lora') of our implementation; peak memory is this process's."""
+def jax_forward(net, params, data):
+    """Our jitted inference forward (dropout off)."""
     import jax
 
+    forward = jax.jit(net.apply)
+    return lambda: jax.block_until_ready(forward({"params": params}, data["ids"], data["mask"]))
+
+
+def lora_step(args, dtype: str = "float32", remat: str = REMAT, rank: int = RANK, seq: int | None = None,
+              batch: int | None = None):
     import lora_jax
 
-    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank,
-                                                                     args.remat)
-    if args.mode == "full":
-        result = jax_train_step(model, params, jax.tree.map(lambda _: True, params), data, args.steps)
-    else:
-        result = jax_train_step(lora_model, lora_params, lora_jax.trainable_mask(lora_params, config), data, args.steps)
-    return {**result, "peak_rss_bytes": peak_rss_bytes()}
+    _, _, lora_model, lora_params, config, data = jax_setup(args.model, batch or args.batch, seq or args.seq, rank,
+                                                            remat, dtype)
+    return jax_step(lora_model, lora_params, lora_jax.trainable_mask(lora_params, config), data)
 
 
-def worker_forward(args) -> dict[str, Any]:
-    """Inference: base, LoRA unmerged, LoRA merged; interleaved so drift hits all three."""
-    import jax
-
-    import lora_jax
-
-    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora_params)
-    lora_params = jax.tree_util.tree_unflatten(treedef, [0.01 * np.ones(v.shape, v.dtype) if p[-1].key == "lora_B" else v
-                                                         for p, v in leaves])  # a trained-looking adapter
-    merged = lora_jax.merge(lora_params, config)
-    fns = {"base": (jax.jit(model.apply), params), "lora_unmerged": (jax.jit(lora_model.apply), lora_params),
-           "lora_merged": (jax.jit(model.apply), merged)}
-    for fn, p in fns.values():  # compile
-        jax.block_until_ready(fn({"params": p}, data["ids"], data["mask"]))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.steps):
-        for name, (fn, p) in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn({"params": p}, data["ids"], data["mask"]))
-            times[name].append(time.perf_counter() - start)
-    return {f"{k}_s": statistics.median(v) for k, v in times.items()}
+# ----------------------------------------------------------------------------------- PyTorch + PEFT
 
 
-def torch_setup(model_name: str, batch: int, seq: int, mode: str, rank: int = RANK):
+def torch_setup(model_name: str, batch: int, seq: int, mode: str, rank: int = RANK, dtype: str = "float32"):
+    """transformers' model (+ PEFT LoRA in mode 'lora') with AdamW; returns (model, train_step, forward)."""
     import peft
     import torch
     import transformers
@@ -185,99 +172,28 @@ def torch_setup(model_name: str, batch: int, seq: int, mode: str, rank: int = RA
     if mode == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
                                                            task_type="SEQ_CLS"))
-    model.train()
     rng = np.random.RandomState(0)
-    ids = torch.tensor(rng.randint(model.config.vocab_size // 2, model.config.vocab_size, (batch, seq)))
+    vocab = model.config.vocab_size
+    ids = torch.tensor(rng.randint(vocab // 2, vocab, (batch, seq)))
     labels = torch.tensor(rng.randint(0, 3, batch))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
 
     def step():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        model.train()
+        with autocast():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return model, step
+    def forward():  # transformers' own forward: PEFT's adapter layers switched off, dropout off
+        model.eval()
+        context = model.disable_adapter() if mode == "lora" else contextlib.nullcontext()
+        with torch.no_grad(), context:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
-
-def worker_peft_memory(args) -> dict[str, Any]:
-    """PyTorch + PEFT training alone in a process: its step time and peak memory."""
-    _, step = torch_setup(args.model, args.batch, args.seq, args.mode, args.rank)
-    first, median = median_time(step, max(3, args.steps // 3))
-    return {"step_s": median, "first_call_s": first, "peak_rss_bytes": peak_rss_bytes()}
-
-
-def worker_versus_peft(args) -> dict[str, Any]:
-    """Our LoRA step vs PEFT's (and forwards vs transformers), alternating A B A B in one process."""
-    import jax
-    import torch
-
-    import lora_jax
-
-    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank)
-    ours = jax_step(lora_model, lora_params, lora_jax.trainable_mask(lora_params, config), data)[0]
-    base_fwd = jax.jit(model.apply)
-    torch_model, theirs = torch_setup(args.model, args.batch, args.seq, "lora", args.rank)
-    ids = torch.tensor(np.asarray(data["ids"]))
-
-    def ours_fwd():
-        jax.block_until_ready(base_fwd({"params": params}, data["ids"], data["mask"]))
-
-    def theirs_fwd():  # transformers' own forward: PEFT's adapter layers switched off
-        with torch.no_grad(), torch_model.disable_adapter():
-            torch_model(input_ids=ids, attention_mask=torch.ones_like(ids))
-
-    pairs = {"train": (ours, theirs), "forward": (ours_fwd, theirs_fwd)}
-    result = {}
-    for name, (a, b) in pairs.items():
-        torch_model.train(name == "train")  # dropout on for training steps (ours too), off for inference
-        a(), b(), a(), b()  # warm-up and compile
-        times_a, times_b = [], []
-        for _ in range(args.steps):
-            for fn, times in ((a, times_a), (b, times_b)):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-        result[f"ours_{name}_s"], result[f"peft_{name}_s"] = statistics.median(times_a), statistics.median(times_b)
-    result["torch_threads"] = torch.get_num_threads()
-    return result
-
-
-def worker_scaling(args) -> dict[str, Any]:
-    """LoRA step time against rank and against sequence length."""
-    import lora_jax
-
-    out: dict[str, Any] = {"rank": {}, "seq": {}}
-    for rank in (1, 4, 16, 64):
-        _, _, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, rank)
-        run = jax_step(lora_model, lora_params, lora_jax.trainable_mask(lora_params, config), data)[0]
-        out["rank"][rank] = median_time(run, args.steps)[1]
-    for seq in (64, 128, 256):
-        _, _, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, seq, RANK)
-        run = jax_step(lora_model, lora_params, lora_jax.trainable_mask(lora_params, config), data)[0]
-        out["seq"][seq] = median_time(run, args.steps)[1]
-    return out
-
-
-WORKERS = {"train": worker_train, "forward": worker_forward, "peft-memory": worker_peft_memory,
-           "versus-peft": worker_versus_peft, "scaling": worker_scaling}
-
-
-# ----------------------------------------------------------------------------------- driver
-
-
-def spawn(task: str, args, xla_flags: str = "", **overrides) -> dict[str, Any]:
-    """Run one worker in a fresh process (``xla_flags`` appended to its XLA_FLAGS) and return its JSON result."""
-    settings = {"model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rank": RANK,
-                "mode": "lora", "remat": "none", **overrides}
-    cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", task] + \
-          [x for k, v in settings.items() for x in (f"--{k}", str(v))]
-    print(f"  running {task} {overrides or ''} ...", flush=True)
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker {task} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return model, step, forward
 
 
 def torch_available() -> bool:
@@ -289,18 +205,119 @@ def torch_available() -> bool:
     return True
 
 
-def verdict(name: str, value: float, bound: float) -> dict[str, Any]:
-    return {"target": name, "measured": round(value, 4), "bound": bound, "met": bool(value <= bound)}
+# ----------------------------------------------------------------------------------- workers
+
+
+def worker_train(args) -> dict[str, Any]:
+    """One training mode ('full' or 'lora') of ours, alone in this process (for its peak memory)."""
+    import jax
+    import time as _time
+
+    import lora_jax
+
+    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank,
+                                                                     args.remat, args.dtype)
+    net, p, mask = ((model, params, jax.tree.map(lambda _: True, params)) if args.mode == "full" else
+                    (lora_model, lora_params, lora_jax.trainable_mask(lora_params, config)))
+    run, step, holder = jax_step(net, p, mask, data)
+    start = _time.perf_counter()
+    stats = step.compiled_stats(holder["state"], data)  # lowers and compiles the step: that is the compile time
+    compile_s = _time.perf_counter() - start
+    timing = interleaved({"step": run}, args.steps)["step"]
+    trainable, total = lora_jax.count_parameters(p, mask)
+    return {"step_s": timing["median_s"], "first_call_s": timing["first_s"], "compile_s": compile_s,
+            "flops": stats["flops"], "xla_temp_bytes": stats["temp_bytes"],
+            "opt_state_bytes": tree_bytes(holder["state"].opt_state), "trainable_params": trainable,
+            "total_params": total, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def worker_ratios(args) -> dict[str, Any]:
+    """In one process, alternating: LoRA vs full step; merged, unmerged and base forwards."""
+    import jax
+
+    import lora_jax
+
+    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank,
+                                                                     args.remat)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora_params)
+    trained = jax.tree_util.tree_unflatten(treedef, [0.01 * np.ones(v.shape, v.dtype) if p[-1].key == "lora_B" else v
+                                                     for p, v in leaves])  # a trained-looking adapter
+    merged = lora_jax.merge(trained, config)
+    steps = interleaved({"lora": jax_step(lora_model, lora_params, lora_jax.trainable_mask(lora_params, config),
+                                          data)[0],
+                         "full": jax_step(model, params, jax.tree.map(lambda _: True, params), data)[0]}, args.steps)
+    forwards = interleaved({"base": jax_forward(model, params, data),
+                            "lora_unmerged": jax_forward(lora_model, trained, data),
+                            "lora_merged": jax_forward(model, merged, data)}, args.steps)
+    return {"lora_step_s": steps["lora"]["median_s"], "full_step_s": steps["full"]["median_s"],
+            **{f"{k}_s": v["median_s"] for k, v in forwards.items()}}
+
+
+def worker_versus_peft(args) -> dict[str, Any]:
+    """Ours vs PyTorch + PEFT in one process, alternating: LoRA steps in float32 and bfloat16, and the
+    inference forward (ours vs transformers')."""
+    import torch
+
+    model, params, *_, data = jax_setup(args.model, args.batch, args.seq, args.rank)
+    _, peft_fp32, theirs_forward = torch_setup(args.model, args.batch, args.seq, "lora", args.rank)
+    fp32 = interleaved({"ours_fp32": lora_step(args, remat=args.remat)[0], "peft_fp32": peft_fp32}, args.steps)
+    forwards = interleaved({"ours": jax_forward(model, params, data), "theirs": theirs_forward}, args.steps)
+    # bf16 apart: PEFT's bf16 autocast takes about a minute a step on CPUs without bf16 instructions, so
+    # past a time budget this pair stops after one timed round (its first calls are the warm-up).
+    _, peft_bf16, _ = torch_setup(args.model, args.batch, args.seq, "lora", args.rank, dtype="bfloat16")
+    bf16 = interleaved({"ours_bf16": lora_step(args, dtype="bfloat16", remat=args.remat)[0], "peft_bf16": peft_bf16},
+                       args.steps, warmup=0, max_seconds=60, min_rounds=1)
+    steps = {**fp32, **bf16}
+    return {**{f"{k}_step_s": v["median_s"] for k, v in steps.items()},
+            **{f"{k}_rounds": v["rounds"] for k, v in steps.items()}, "rounds": fp32["ours_fp32"]["rounds"],
+            "ours_forward_s": forwards["ours"]["median_s"], "transformers_forward_s": forwards["theirs"]["median_s"],
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def worker_peft_memory(args) -> dict[str, Any]:
+    """PyTorch + PEFT training alone in a process: its step time and peak memory."""
+    _, step, _ = torch_setup(args.model, args.batch, args.seq, args.mode, args.rank)
+    timing = interleaved({"step": step}, max(3, args.steps // 2))["step"]
+    return {"step_s": timing["median_s"], "first_call_s": timing["first_s"], "peak_rss_bytes": peak_rss_bytes()}
+
+
+def worker_scaling(args) -> dict[str, Any]:
+    """LoRA step time against rank, sequence length and batch size (one axis varied at a time)."""
+    out: dict[str, Any] = {axis: {} for axis in SCALING}
+    for axis, values in SCALING.items():
+        for value in values:
+            run = lora_step(args, remat=args.remat, **{axis: value})[0]
+            out[axis][value] = interleaved({"step": run}, 3, warmup=0)["step"]["median_s"]
+    return out
+
+
+WORKERS = {"train": worker_train, "ratios": worker_ratios, "versus-peft": worker_versus_peft,
+           "peft-memory": worker_peft_memory, "scaling": worker_scaling}
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def spawn(task: str, args, **overrides) -> dict[str, Any]:
+    """Run one worker in a fresh process and return its JSON result."""
+    settings = {"model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rank": RANK,
+                "mode": "lora", "remat": REMAT, "dtype": "float32", **overrides}
+    if args.in_process:  # one process for everything (a quick check of the harness; peak memories mix)
+        return WORKERS[task](argparse.Namespace(**{**vars(args), **settings}))
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", task] + \
+          [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+    print(f"  {task} {' '.join(f'{k}={v}' for k, v in overrides.items())} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {task} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def benchmark_model(model: str, args) -> dict[str, Any]:
-    print(f"[{model}] batch {args.batch} x {args.seq} tokens")
+    print(f"[{model}] batch {args.batch} x {args.seq} tokens", flush=True)
     a = argparse.Namespace(**{**vars(args), "model": model})
-    full = spawn("train", a, mode="full")
-    lora = spawn("train", a, mode="lora")
-    lora_remat = spawn("train", a, REMAT_XLA_FLAGS, mode="lora", remat=REMAT)
-    forward = spawn("forward", a)
-    result = {"model": model, "full": full, "lora": lora, "lora_remat": lora_remat, "forward": forward}
+    result = {"model": model, "full": spawn("train", a, mode="full"), "lora": spawn("train", a, mode="lora"),
+              "lora_no_remat": spawn("train", a, mode="lora", remat="none"), "ratios": spawn("ratios", a)}
     if args.peft:
         if torch_available():
             result["peft_memory"] = spawn("peft-memory", a, mode="lora")
@@ -310,58 +327,64 @@ def benchmark_model(model: str, args) -> dict[str, Any]:
     return result
 
 
+def verdict(name: str, value: float, bound: float) -> dict[str, Any]:
+    return {"target": name, "measured": round(value, 4), "bound": bound, "met": bool(value <= bound)}
+
+
+def ratios_of(r: dict[str, Any]) -> dict[str, float]:
+    """Every ratio of one model's results (each from one process, both sides alternating)."""
+    q = r["ratios"]
+    out = {"lora_over_full_step": q["lora_step_s"] / q["full_step_s"],
+           "lora_over_full_flops": r["lora"]["flops"] / r["full"]["flops"],
+           "lora_over_full_opt_state": r["lora"]["opt_state_bytes"] / r["full"]["opt_state_bytes"],
+           "merged_over_base_forward": q["lora_merged_s"] / q["base_s"],
+           "unmerged_over_base_forward": q["lora_unmerged_s"] / q["base_s"]}
+    if "versus_peft" in r:
+        vs, peft_rss = r["versus_peft"], r["peft_memory"]["peak_rss_bytes"]
+        out.update(ours_over_peft_step_fp32=vs["ours_fp32_step_s"] / vs["peft_fp32_step_s"],
+                   ours_over_peft_step_bf16=vs["ours_bf16_step_s"] / vs["peft_bf16_step_s"],
+                   ours_over_transformers_forward=vs["ours_forward_s"] / vs["transformers_forward_s"],
+                   ours_over_peft_peak_rss=r["lora"]["peak_rss_bytes"] / peft_rss,
+                   ours_no_remat_over_peft_peak_rss=r["lora_no_remat"]["peak_rss_bytes"] / peft_rss)
+    return out
+
+
+TARGET_BOUNDS = {"lora_over_full_step": 0.72, "merged_over_base_forward": 1.02, "unmerged_over_base_forward": 1.10,
+                 "lora_over_full_opt_state": 0.01, "ours_over_peft_step_fp32": 0.80, "ours_over_peft_step_bf16": 0.65,
+                 "ours_over_transformers_forward": 0.90, "ours_over_peft_peak_rss": 1.0}
+
+
 def summarize(results: list[dict[str, Any]], scaling: dict | None) -> tuple[str, list[dict]]:
-    lines, verdicts = [], []
-    rows = []
+    lines, verdicts, rows = [], [], []
     for r in results:
-        for label, key in (("full FT", "full"), ("LoRA r=8 q,v", "lora"), (f"LoRA r=8 q,v, remat={REMAT}", "lora_remat")):
+        for label, key in (("full FT", "full"), ("LoRA r=8 q,v", "lora"), ("LoRA r=8 q,v, remat=none", "lora_no_remat")):
             run = r[key]
             rows.append([r["model"], label, run["step_s"], run["compile_s"], f"{run['flops']:.3e}",
                          run["opt_state_bytes"], run["xla_temp_bytes"] / 2**30, run["peak_rss_bytes"] / 2**30])
         if "peft_memory" in r:
             rows.append([r["model"], "PEFT LoRA (torch)", r["peft_memory"]["step_s"], "-", "-", "-", "-",
                          r["peft_memory"]["peak_rss_bytes"] / 2**30])
-    lines.append(print_table("Train step (median)", ["model", "mode", "step (s)", "compile (s)", "XLA FLOPs",
-                                                      "optimizer state (bytes)", "XLA temp (GiB)", "peak RSS (GiB)"],
-                             rows))
-    ratio_rows = []
-    for r in results:
-        full, lora, fwd = r["full"], r["lora"], r["forward"]
-        step_ratio, flop_ratio = lora["step_s"] / full["step_s"], lora["flops"] / full["flops"]
-        opt_ratio = lora["opt_state_bytes"] / full["opt_state_bytes"]
-        merged, unmerged = fwd["lora_merged_s"] / fwd["base_s"], fwd["lora_unmerged_s"] / fwd["base_s"]
-        row = [r["model"], step_ratio, flop_ratio, opt_ratio, merged, unmerged]
-        if r["model"] == "bert-base-config":
-            verdicts.append(verdict("LoRA step / full step (bert-base config)", step_ratio, 0.75))
-        verdicts += [verdict(f"merged forward / base forward ({r['model']})", merged, 1.02),
-                     verdict(f"unmerged LoRA forward / base forward ({r['model']})", unmerged, 1.10),
-                     verdict(f"LoRA optimizer state / full ({r['model']})", opt_ratio, 0.01)]
         if "versus_peft" in r:
             vs = r["versus_peft"]
-            ours_vs_peft = vs["ours_train_s"] / vs["peft_train_s"]
-            peft_rss = r["peft_memory"]["peak_rss_bytes"]
-            row += [ours_vs_peft, vs["ours_forward_s"] / vs["peft_forward_s"], lora["peak_rss_bytes"] / peft_rss,
-                    r["lora_remat"]["peak_rss_bytes"] / peft_rss]
-            verdicts += [verdict(f"lora_jax LoRA step / PEFT LoRA step ({r['model']})", ours_vs_peft, 0.80),
-                         verdict(f"peak memory lora_jax LoRA / PEFT LoRA ({r['model']})",
-                                 lora["peak_rss_bytes"] / peft_rss, 1.0),
-                         verdict(f"peak memory lora_jax LoRA remat={REMAT} / PEFT LoRA ({r['model']})",
-                                 r["lora_remat"]["peak_rss_bytes"] / peft_rss, 1.0)]
-        else:
-            row += ["-", "-", "-", "-"]
-        ratio_rows.append(row)
-    lines.append(print_table("Ratios", ["model", "LoRA/full step", "LoRA/full FLOPs", "LoRA/full opt state",
-                                        "merged/base fwd", "unmerged/base fwd", "ours/PEFT LoRA step",
-                                        "ours/torch base fwd", "ours/PEFT peak mem",
-                                        f"ours remat={REMAT}/PEFT peak mem"], ratio_rows))
+            for label, key in (("LoRA fp32, with PEFT", "ours_fp32"), ("LoRA bf16, with PEFT", "ours_bf16"),
+                               ("PEFT fp32, with ours", "peft_fp32"), ("PEFT bf16 autocast, with ours", "peft_bf16")):
+                rows.append([r["model"], label, vs[f"{key}_step_s"], "-", "-", "-", "-", "-"])
+    lines.append(print_table(f"Train step (median; remat={REMAT} unless marked; each process alone, or alternating "
+                             f"where marked 'with')",
+                             ["model", "mode", "step (s)", "compile (s)", "XLA FLOPs", "optimizer state (bytes)",
+                              "XLA temp (GiB)", "peak RSS (GiB)"], rows))
+    ratio_rows = []
+    for r in results:
+        ratios = ratios_of(r)
+        ratio_rows += [[r["model"], name, value, TARGET_BOUNDS.get(name, "-")] for name, value in ratios.items()]
+        verdicts += [verdict(f"{name} ({r['model']})", value, TARGET_BOUNDS[name]) for name, value in ratios.items()
+                     if name in TARGET_BOUNDS]
+    lines.append(print_table("Ratios (each measured in one process, both sides alternating)",
+                             ["model", "ratio", "measured", "target ≤"], ratio_rows))
     if scaling:
-        lines.append(print_table(f"LoRA step vs rank ({scaling['model']})", ["rank", "step (s)"],
-                                 [[k, v] for k, v in scaling["rank"].items()]))
-        lines.append(print_table(f"LoRA step vs sequence length ({scaling['model']})", ["seq", "step (s)"],
-                                 [[k, v] for k, v in scaling["seq"].items()]))
-    lines.append(print_table("Targets", ["target", "measured", "bound", "verdict"],
-                             [[v["target"], v["measured"], v["bound"], "met" if v["met"] else "NOT met"]
-                              for v in verdicts]))
+        lines.append(print_table(f"LoRA step vs rank / sequence length / batch ({scaling['model']})",
+                                 ["axis", "value", "step (s)"],
+                                 [[axis, k, v] for axis in SCALING for k, v in scaling[axis].items()]))
     return "\n\n".join(lines), verdicts
 
 
@@ -371,16 +394,14 @@ def plot_scaling(scaling: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    ranks = [int(k) for k in scaling["rank"]]
-    ax1.plot(ranks, list(scaling["rank"].values()), "o-")
-    ax1.set(xscale="log", xlabel="LoRA rank", ylabel="train step (s)", title="step time vs rank")
-    seqs = [int(k) for k in scaling["seq"]]
-    ax2.plot(seqs, list(scaling["seq"].values()), "o-")
-    ax2.set(xlabel="sequence length", ylabel="train step (s)", title="step time vs sequence length")
-    for ax in (ax1, ax2):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (axis, label) in zip(axes, (("rank", "LoRA rank"), ("seq", "sequence length"), ("batch", "batch size"))):
+        xs = [int(k) for k in scaling[axis]]
+        ax.plot(xs, list(scaling[axis].values()), "o-")
+        ax.set(xscale="log" if axis == "rank" else "linear", xlabel=label, ylabel="train step (s)",
+               title=f"step time vs {label}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"LoRA r=8 on query+value, {scaling['model']}")
+    fig.suptitle(f"LoRA r=8 on query+value (one axis varied at a time), {scaling['model']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -392,14 +413,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "none: minilm and bert-base-config")
     p.add_argument("--batch", type=positive_int, default=32, help="examples per step")
     p.add_argument("--seq", type=positive_int, default=128, help="tokens per example")
-    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per figure (after warm-up)")
+    p.add_argument("--steps", type=positive_int, default=6, help="timed steps per figure (after warm-up)")
     p.add_argument("--out", default=None, help="output folder (default runs/benchmark/<timestamp>)")
     p.add_argument("--peft", action="store_true", help="also measure PyTorch + PEFT (needs torch and peft)")
-    p.add_argument("--no-scaling", action="store_true", help="skip the rank / sequence-length sweep")
+    p.add_argument("--no-scaling", action="store_true", help="skip the rank / sequence length / batch sweep")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
-    p.add_argument("--rank", type=int, default=RANK, help=argparse.SUPPRESS)
-    p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=positive_int, default=RANK, help=argparse.SUPPRESS)
+    p.add_argument("--remat", default=REMAT, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -418,11 +441,12 @@ def _run(args, out: Path) -> dict[str, Any]:
     results = [benchmark_model(m, args) for m in models]
     scaling = None
     if not args.no_scaling:
-        print(f"[{models[0]}] scaling sweep")
+        print(f"[{models[0]}] scaling sweep", flush=True)
         scaling = {"model": models[0], **spawn("scaling", argparse.Namespace(**{**vars(args), "model": models[0]}))}
     markdown, verdicts = summarize(results, scaling)
     report = {"machine": machine_info(), "settings": {k: v for k, v in vars(args).items() if k != "worker"},
-              "results": results, "scaling": scaling, "verdicts": verdicts, "wall_s": time.perf_counter() - start}
+              "results": results, "ratios": {r["model"]: ratios_of(r) for r in results}, "scaling": scaling,
+              "verdicts": verdicts, "wall_s": time.perf_counter() - start}
     if torch_available():
         import torch
 
@@ -432,8 +456,8 @@ def _run(args, out: Path) -> dict[str, Any]:
     if scaling:
         plot_scaling(scaling, out / "scaling.png")
     for v in verdicts:
-        print(f"{'met    ' if v['met'] else 'NOT met'}  {v['target']}: {v['measured']} (bound {v['bound']})")
-    print(f"results: {out / 'results.json'}  table: {out / 'benchmark.md'}")
+        print(f"{'met    ' if v['met'] else 'NOT met'}  {v['target']}: {v['measured']} (target ≤ {v['bound']})")
+    print(f"{report['wall_s'] / 60:.1f} min; results: {out / 'results.json'}  table: {out / 'benchmark.md'}")
     return report
 
 

@@ -9,11 +9,15 @@ sentiment toward that aspect (negative / neutral / positive).
     python -m experiments.bert_absa train --data-dir DIR --compare --seeds 0,1,2  # mean ± sd over seeds
     python -m experiments.bert_absa predict --adapter runs/bert_absa/<run>/adapter \\
         "The battery life is amazing but the camera is terrible." --aspect "battery life" --aspect camera
+    python -m experiments.bert_absa predict --adapter ADAPTER --input rows.jsonl --output predictions.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
 import sys
 import time
 import warnings
@@ -27,12 +31,19 @@ import optax
 from tqdm.auto import tqdm
 
 import lora_jax
-from lora_jax.data.semeval import LABELS, AspectExample, load_semeval
+from lora_jax.data.semeval import LABELS, AspectExample, load_semeval, read_seg
 from lora_jax.models import PACKAGED_MINILM, REMAT_POLICIES, from_pretrained
 
 from .common import (check_finite, make_parser, non_negative_float, non_negative_int, open_fraction, output_dir,
                      positive_float, positive_int, print_table, probability, run_cli, seed_list, write_json)
 
+# Per-mode training defaults; a flag given on the command line overrides both modes.
+MODE_DEFAULTS = {
+    "lora": {"lr": 1e-3, "epochs": 5, "batch_size": 32, "warmup": 0.1, "schedule": "linear", "patience": 2,
+             "lora_plus_ratio": 1.0},
+    "full": {"lr": 1e-4, "epochs": 5, "batch_size": 32, "warmup": 0.1, "schedule": "linear", "patience": 2},
+}
+SCHEDULES = ("linear", "cosine", "constant")
 TARGET_PRESETS = {
     "qv": ("query", "value"),
     "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
@@ -113,7 +124,7 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray, n: int = 
 
 def make_model(args, seed: int, with_tokenizer: bool = True):
     model, params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS), with_tokenizer=with_tokenizer,
-                                               rng=jax.random.key(seed), remat=args.remat)
+                                               rng=jax.random.key(seed), remat=args.remat, dtype=args.dtype)
     return model, params, tokenizer
 
 
@@ -130,6 +141,26 @@ def lora_config(args, params: dict) -> lora_jax.LoraConfig:
                                modules_to_save=head)
 
 
+def hyper_parameters(args, mode: str) -> dict[str, Any]:
+    """The mode's defaults, with every flag the user gave taking their place."""
+    chosen = dict(MODE_DEFAULTS[mode])
+    for name in chosen:
+        if getattr(args, name, None) is not None:
+            chosen[name] = getattr(args, name)
+    return chosen
+
+
+def lr_schedule(kind: str, lr: float, warmup_fraction: float, total_steps: int):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then linear or cosine decay to 0, or constant."""
+    warmup = int(warmup_fraction * total_steps)
+    rest = max(1, total_steps - warmup)
+    after = {"linear": optax.linear_schedule(lr, 0.0, rest), "cosine": optax.cosine_decay_schedule(lr, rest),
+             "constant": optax.constant_schedule(lr)}[kind]
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
 def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], out: Path) -> dict[str, Any]:
     """Train one mode ('lora' or 'full') with one seed (dev split, init, batch order, dropout),
     early-stopped on dev; evaluate on test; save the adapter under ``out``."""
@@ -138,26 +169,26 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
     train, dev = dev_split(data["train"], args.dev_fraction, seed)
     enc = {name: encode(split, tokenizer, args.max_len) for name, split in
            (("train", train), ("dev", dev), ("test", data["test"]))}
+    h = hyper_parameters(args, mode)
     if mode == "lora":
         config = lora_config(args, base_params)
         net = lora_jax.lora(model, config)
         params = lora_jax.init_lora_params(net, base_params, jax.random.key(seed + 1), jnp.ones((1, 8), jnp.int32))
         mask = lora_jax.trainable_mask(params, config)
-        lr = args.lr if args.lr is not None else 1e-3
     else:
         config, net, params = None, model, base_params
         mask = jax.tree.map(lambda _: True, params)
-        lr = args.lr if args.lr is not None else 1e-4
+    lr = h["lr"]
     trainable, total = lora_jax.count_parameters(params, mask)
     encoder_key = next(k for k in params if k in ("bert", "roberta"))
     encoder_trainable, encoder_total = lora_jax.count_parameters(params[encoder_key], mask[encoder_key])
 
-    steps_per_epoch = sum(1 for _ in batches(enc["train"], args.batch_size, args.max_len, pad_id))
-    total_steps = steps_per_epoch * args.epochs
-    warmup = max(1, int(args.warmup * total_steps))
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                     optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup))], [warmup])
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=args.weight_decay))
+    steps_per_epoch = sum(1 for _ in batches(enc["train"], h["batch_size"], args.max_len, pad_id))
+    schedule = lr_schedule(h["schedule"], lr, h["warmup"], steps_per_epoch * h["epochs"])
+    adamw = lambda rate: optax.adamw(rate, weight_decay=args.weight_decay)
+    ratio = h.get("lora_plus_ratio", 1.0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     lora_jax.lora_plus(adamw, schedule, ratio) if ratio != 1.0 else adamw(schedule))
 
     def loss_fn(p, batch, rng):
         logits = net.apply({"params": p}, batch["ids"], batch["mask"], batch["types"], deterministic=False,
@@ -178,32 +209,34 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
     state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(seed + 2))
     step = lora_jax.make_train_step(loss_fn, tx, mask)
     rng = np.random.RandomState(seed)
-    history, best, best_trainable, bad_epochs = [], -1.0, None, 0
+    history, step_losses, best, best_trainable, bad_epochs = [], [], -1.0, None, 0
+    select = "dev_" + args.select_by
     start = time.perf_counter()
-    for epoch in range(args.epochs):
+    for epoch in range(h["epochs"]):
         losses = []
-        bar = tqdm(batches(enc["train"], args.batch_size, args.max_len, pad_id, rng), total=steps_per_epoch,
-                   desc=f"{mode} epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm(batches(enc["train"], h["batch_size"], args.max_len, pad_id, rng), total=steps_per_epoch,
+                   desc=f"{mode} epoch {epoch + 1}/{h['epochs']}", leave=False)
         for batch in bar:
             state, metrics = step(state, {k: batch[k] for k in ("ids", "types", "mask", "labels", "weight")})
             check_finite(metrics, int(state.step), f"{mode} seed {seed} epoch {epoch + 1}", lr)
             losses.append(float(metrics["loss"]))
+            step_losses.append(losses[-1])
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         dev_report = evaluate(state.params, enc["dev"])
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_report["accuracy"],
                         "dev_macro_f1": dev_report["macro_f1"], "elapsed_s": time.perf_counter() - start})
         tqdm.write(f"{mode:>4} epoch {epoch + 1}: train loss {np.mean(losses):.4f}  dev acc {dev_report['accuracy']:.4f}"
                    f"  dev macro-F1 {dev_report['macro_f1']:.4f}")
-        if dev_report["accuracy"] > best:
-            best, bad_epochs = dev_report["accuracy"], 0
-            best_trainable = jax.tree.map(np.array, lora_jax.partition(state.params, mask)[0])
+        if history[-1][select] > best:
+            best, bad_epochs = history[-1][select], 0
+            best_trainable = jax.tree.map(np.array, state.trainable)
         else:
             bad_epochs += 1
-            if bad_epochs >= args.patience:
-                tqdm.write(f"early stop: dev accuracy has not improved for {args.patience} epoch(s)")
+            if bad_epochs >= h["patience"]:
+                tqdm.write(f"early stop: dev {args.select_by} has not improved for {h['patience']} epoch(s)")
                 break
     train_time = time.perf_counter() - start
-    final = lora_jax.combine(best_trainable, lora_jax.partition(state.params, mask)[1])
+    final = lora_jax.combine(best_trainable, state.frozen)
     test_report = evaluate(final, enc["test"])
 
     adapter_dir, adapter_bytes = None, None
@@ -212,10 +245,13 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
                                             metadata={"task": "aspect_sentiment", "labels": list(LABELS),
                                                       "max_len": args.max_len})
         adapter_bytes = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
-    return {"mode": mode, "seed": seed, "lr": lr, "trainable_params": trainable, "total_params": total,
+    best_epoch = max(history, key=lambda e: e[select])
+    return {"mode": mode, "seed": seed, "lr": lr, "hyper_parameters": h, "selected_by": select,
+            "best_epoch": best_epoch["epoch"], "best_dev_accuracy": best_epoch["dev_accuracy"],
+            "best_dev_macro_f1": best_epoch["dev_macro_f1"], "trainable_params": trainable, "total_params": total,
             "encoder_trainable_params": encoder_trainable, "encoder_total_params": encoder_total,
-            "epochs_run": len(history), "train_time_s": train_time, "history": history,
-            "best_dev_accuracy": best, "test": test_report, "adapter_dir": str(adapter_dir) if adapter_dir else None,
+            "epochs_run": len(history), "train_time_s": train_time, "history": history, "step_losses": step_losses,
+            "test": test_report, "adapter_dir": str(adapter_dir) if adapter_dir else None,
             "adapter_bytes": adapter_bytes, "lora_config": config.to_dict() if config else None}
 
 
@@ -326,20 +362,64 @@ def _train_and_report(args, data: dict[str, list[AspectExample]], out: Path) -> 
     return report
 
 
-def check_aspects(sentence: str, aspects: Sequence[str]) -> None:
-    """An empty sentence or aspect is an error; an aspect the sentence does not contain gets a warning."""
-    if not sentence.strip():
-        raise ValueError("the sentence is empty")
-    for aspect in aspects:
+def check_rows(rows: Sequence[tuple[str, str, str]]) -> None:
+    """(sentence, aspect, origin) rows: an empty sentence or aspect is an error naming the row; an
+    aspect that the sentence does not contain gets a warning naming the row."""
+    if not rows:
+        raise ValueError("nothing to predict: give a sentence with --aspect, or --input FILE with rows")
+    for sentence, aspect, origin in rows:
+        if not sentence.strip():
+            raise ValueError(f"{origin}: the sentence is empty")
         if not aspect.strip():
-            raise ValueError(f"an --aspect of sentence {sentence[:60]!r} is empty")
+            raise ValueError(f"{origin}: the aspect of sentence {sentence[:60]!r} is empty")
         if aspect.strip().lower() not in sentence.lower():
-            warnings.warn(f"aspect {aspect!r} does not occur in the sentence {sentence[:60]!r}; its prediction "
-                          f"is a guess", stacklevel=2)
+            warnings.warn(f"{origin}: aspect {aspect!r} does not occur in the sentence {sentence[:60]!r}; its "
+                          f"prediction is a guess", stacklevel=2)
+
+
+def read_rows(path: Path) -> list[tuple[str, str, str]]:
+    """(sentence, aspect, origin) from JSONL ({"sentence": ..., "aspect": ...} per line) or the .seg format."""
+    if path.suffix == ".seg":
+        return [(e.sentence, e.aspect, e.origin) for e in read_seg(path)]
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON object ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("sentence"), str) or not isinstance(row.get("aspect"), str):
+            raise ValueError(f'{path}:{number}: expected {{"sentence": "...", "aspect": "..."}}, got {line[:80]!r}')
+        rows.append((row["sentence"], row["aspect"], f"{path.name}:{number}"))
+    return rows
+
+
+def write_predictions(results: list[dict[str, Any]], path: Path, labels: Sequence[str]) -> None:
+    """JSONL (one object per row) or CSV (sentence, aspect, sentiment, one probability column per label)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        if path.suffix == ".csv":
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "aspect", "sentiment", *(f"p_{label}" for label in labels)])
+            for r in results:
+                writer.writerow([r["sentence"], r["aspect"], r["sentiment"], *(r["probabilities"][l] for l in labels)])
+        else:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 def cmd_predict(args) -> list[dict[str, Any]]:
-    check_aspects(args.sentence, args.aspect)
+    rows = [(args.sentence, a, f"--aspect {i + 1}") for i, a in enumerate(args.aspect or [])] if args.sentence else []
+    if args.input is not None:
+        rows += read_rows(args.input)
+    check_rows(rows)
     adapter = lora_jax.load_adapter(args.adapter)
     adapter_meta = adapter.metadata
     model, base_params, tokenizer = from_pretrained(adapter_meta.get("base_model") or PACKAGED_MINILM,
@@ -347,16 +427,28 @@ def cmd_predict(args) -> list[dict[str, Any]]:
     # checks the adapter fits (names leaf and shapes) and that this is the base it was trained on
     params = lora_jax.apply_adapter(base_params, adapter, strict=not args.allow_other_base)
     net = lora_jax.lora(model, adapter.config)
-    encoded = encode([(args.sentence, a) for a in args.aspect], tokenizer, adapter_meta.get("max_len", 128))
-    b = next(batches(encoded, len(encoded), 512, tokenizer.pad_token_id or 0))
-    probs = np.asarray(jax.nn.softmax(net.apply({"params": params}, b["ids"], b["mask"], b["types"]), -1))
+    forward = jax.jit(lambda p, b: jax.nn.softmax(net.apply({"params": p}, b["ids"], b["mask"], b["types"]), -1))
+    max_len = adapter_meta.get("max_len", 128)
+    encoded = encode([(sentence, aspect) for sentence, aspect, _ in rows], tokenizer, max_len)
+    probs = np.zeros((len(rows), len(LABELS)), np.float32)
+    with tqdm(total=len(rows), desc="predict", disable=len(rows) <= args.batch_size) as bar:
+        for b in batches(encoded, args.batch_size, max_len, tokenizer.pad_token_id or 0):
+            keep = b["index"] >= 0
+            probs[b["index"][keep]] = np.asarray(forward(params, {k: b[k] for k in ("ids", "mask", "types")}))[keep]
+            bar.update(int(keep.sum()))
     labels = adapter_meta.get("labels", list(LABELS))
-    results = []
-    print(f"sentence: {args.sentence}")
-    for aspect, p in zip(args.aspect, probs):
-        results.append({"aspect": aspect, "sentiment": labels[int(p.argmax())],
-                        "probabilities": dict(zip(labels, p.round(4).tolist()))})
-        print(f"  {aspect:<24} {labels[int(p.argmax())]:<9} " + "  ".join(f"{l} {v:.3f}" for l, v in zip(labels, p)))
+    results = [{"sentence": sentence, "aspect": aspect, "sentiment": labels[int(p.argmax())],
+                "probabilities": dict(zip(labels, p.round(4).tolist()))} for (sentence, aspect, _), p in zip(rows, probs)]
+    if args.output is not None:
+        write_predictions(results, args.output, labels)
+        print(f"{len(results):,} predictions: {args.output}")
+    elif args.input is not None:
+        for r in results:
+            print(json.dumps(r))
+    else:
+        print(f"sentence: {args.sentence}")
+        for r in results:
+            print(f"  {r['aspect']:<24} {r['sentiment']:<9} " + "  ".join(f"{l} {v:.3f}" for l, v in r["probabilities"].items()))
     return results
 
 
@@ -381,16 +473,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
     t.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (scale alpha / r)")
     t.add_argument("--lora-dropout", type=probability, default=0.1, help="dropout on the LoRA input")
-    t.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 1e-3 LoRA, 1e-4 full)")
+    lora_d, full_d = MODE_DEFAULTS["lora"], MODE_DEFAULTS["full"]
+    per_mode = lambda key: f"(default: {lora_d[key]} LoRA, {full_d[key]} full fine-tuning)"
+    t.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate {per_mode('lr')}")
     t.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
-    t.add_argument("--warmup", type=probability, default=0.1, help="warm-up fraction of all steps")
-    t.add_argument("--epochs", type=positive_int, default=5, help="maximum training epochs")
-    t.add_argument("--patience", type=positive_int, default=2, help="early stop after this many epochs without dev gain")
-    t.add_argument("--batch-size", type=positive_int, default=32, help="training examples per step")
+    t.add_argument("--warmup", type=probability, default=None, help=f"warm-up fraction of all steps {per_mode('warmup')}")
+    t.add_argument("--schedule", choices=SCHEDULES, default=None, help=f"learning-rate decay after warm-up "
+                   f"{per_mode('schedule')}")
+    t.add_argument("--lora-plus-ratio", type=positive_float, default=None, help="LoRA+: lora_B's learning rate over "
+                   f"the rest (1: plain LoRA; default {lora_d['lora_plus_ratio']})")
+    t.add_argument("--epochs", type=positive_int, default=None, help=f"maximum training epochs {per_mode('epochs')}")
+    t.add_argument("--patience", type=positive_int, default=None,
+                   help=f"early stop after this many epochs without dev gain {per_mode('patience')}")
+    t.add_argument("--select-by", choices=("macro_f1", "accuracy"), default="macro_f1",
+                   help="dev metric for early stopping and for the epoch whose weights are kept")
+    t.add_argument("--batch-size", type=positive_int, default=None, help=f"training examples per step "
+                   f"{per_mode('batch_size')}")
     t.add_argument("--eval-batch-size", type=positive_int, default=64, help="examples per evaluation batch")
     t.add_argument("--max-len", type=positive_int, default=128, help="maximum tokens per (sentence, aspect) pair")
-    t.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES),
-                   help="activation checkpointing per encoder layer: less memory, more compute")
+    t.add_argument("--remat", default="dots", choices=sorted(REMAT_POLICIES),
+                   help="activation checkpointing per encoder layer: 'dots' keeps the projections and recomputes "
+                   "the rest (less memory, and faster on CPU), 'none' keeps everything")
+    t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of the encoder's matmuls (params, LoRA factors and optimizer state stay float32)")
     t.add_argument("--dev-fraction", type=open_fraction, default=0.1, help="share of train held out as dev")
     t.add_argument("--seed", type=non_negative_int, default=0, help="seed of dev split, init, batch order, dropout")
     t.add_argument("--seeds", type=seed_list, default=None, help="comma-separated seeds (e.g. 0,1,2): one run per "
@@ -399,11 +504,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--out", default=None, help="output folder (default runs/bert_absa/<timestamp>)")
     p = sub.add_parser("predict", help="per-aspect sentiment with a saved adapter", formatter_class=parser.formatter_class)
     p.add_argument("--adapter", required=True, help="adapter folder written by train")
-    p.add_argument("sentence", help="a review sentence")
-    p.add_argument("--aspect", action="append", required=True, help="an aspect term (repeat for several)")
+    p.add_argument("sentence", nargs="?", default=None, help="a review sentence (with one or more --aspect)")
+    p.add_argument("--aspect", action="append", default=None, help="an aspect term of the sentence (repeat for several)")
+    p.add_argument("--input", type=Path, default=None, help='rows to predict: JSONL {"sentence", "aspect"} per line, '
+                   "or a .seg file (sentence with $T$, aspect, polarity)")
+    p.add_argument("--output", type=Path, default=None, help="write predictions here: .csv, else JSONL "
+                   "(default: print them)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward pass")
     p.add_argument("--allow-other-base", action="store_true",
                    help="apply the adapter even if the base model's weights differ from those it was trained on")
     args = parser.parse_args(argv)
+    if args.command == "predict" and args.sentence is None and args.input is None:
+        parser.error("predict needs a sentence with --aspect, or --input FILE")
+    if args.command == "predict" and args.sentence is not None and not args.aspect:
+        parser.error("a sentence needs at least one --aspect")
     if args.command == "train" and args.max_len < 8:
         parser.error(f"--max-len must be at least 8 tokens (room for [CLS], the sentence, [SEP], the aspect), "
                      f"got {args.max_len}")

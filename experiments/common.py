@@ -22,7 +22,13 @@ import numpy as np
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the module docstring's layout and shows every flag's default."""
+    """Keeps the module docstring's layout and shows every flag's default (a flag whose default is
+    None explains its default in its help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def make_parser(experiment: str, description: str | None) -> argparse.ArgumentParser:

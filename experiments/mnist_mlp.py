@@ -141,6 +141,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              for k in LAYERS for leaf in ("kernel", "bias"))
         checks.append({"rank": rank, "merged_predictions_equal": same_predictions, "frozen_base_unchanged": base_unchanged})
 
+    for rank in args.full_head_ranks:  # LoRA on the hidden layers, the 10-way head retrained in full
+        config = lora_jax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=("fc1", "fc2"), modules_to_save=("fc3",))
+        model = lora_jax.lora(base, config)
+        params = lora_jax.init_lora_params(model, pretrained, jax.random.key(args.seed + rank), source_train.x[:1])
+        mask = lora_jax.trainable_mask(params, config)
+        lora_state, times = fit(model, params, mask, target_train, args.epochs, args.lora_lr, args.batch_size,
+                                args.seed + 10 + rank, f"LoRA r={rank}+head")
+        record(f"LoRA r={rank} (fc1, fc2) + full head", None, lora_state.params, mask, model, lora_state.opt_state,
+               times)
+
     return {"data_source": data.source, "n_source_train": len(source_train.y), "n_target_train": len(target_train.y),
             "n_target_test": len(target_test.y), "results": results, "checks": checks, "args": vars(args)}
 
@@ -158,7 +168,7 @@ def plot(results: list[dict[str, Any]], path) -> None:
     for r in lora_rows:
         ax.annotate(f"r={r['rank']}", (r["trainable_params"], r["target_accuracy"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=8)
-    for r, marker in zip([r for r in results if r["rank"] is None and r["trainable_params"]], ("s", "^")):
+    for r, marker in zip([r for r in results if r["rank"] is None and r["trainable_params"]], ("s", "^", "D", "v", "P")):
         ax.plot([r["trainable_params"]], [r["target_accuracy"]], marker, markersize=8, label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
@@ -176,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=positive_int, default=10, help="adaptation epochs per method")
     p.add_argument("--pretrain-epochs", type=positive_int, default=5, help="epochs of pretraining on digits 0-4")
     p.add_argument("--ranks", type=int_list, default=[1, 2, 4, 8, 16], help="comma-separated LoRA ranks to compare")
+    p.add_argument("--full-head-ranks", type=lambda text: int_list(text) if text.strip() else [], default=[8],
+                   help="ranks of the variant with LoRA on fc1, fc2 and the head fc3 trained in full ('' for none)")
     p.add_argument("--lora-lr", type=positive_float, default=1e-2, help="Adam learning rate of the LoRA runs")
     p.add_argument("--full-lr", type=positive_float, default=1e-3,
                    help="Adam learning rate of pretraining and full fine-tuning")

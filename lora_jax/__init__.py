@@ -12,9 +12,12 @@
 from .adapters import Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover, extract_adapter
 from .checkpoint import CheckpointSaveError, TrainCheckpointer, load_adapter, save_adapter
 from .fingerprint import BaseMismatchError, base_fingerprint
+from . import nn
 from .config import LoraConfig
+from .core.dropout import dropout
 from .masking import combine, lora_leaves, partition, trainable_mask
 from .merge import merge, unmerge
+from .optim import lora_plus, lora_plus_labels
 from .peft_io import export_peft, import_peft
 from .summary import count_parameters, print_trainable_parameters, trainable_summary
 from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
@@ -43,13 +46,17 @@ __all__ = [
     "TrainStep",
     "combine",
     "count_parameters",
+    "dropout",
     "dropout_rngs",
     "init_lora_params",
     "lora",
     "lora_leaves",
+    "lora_plus",
+    "lora_plus_labels",
     "make_eval_step",
     "make_train_step",
     "merge",
+    "nn",
     "partition",
     "print_trainable_parameters",
     "trainable_mask",

@@ -17,6 +17,7 @@ InitMode = Literal["kaiming_uniform", "gaussian"]
 
 _INIT_MODES = ("kaiming_uniform", "gaussian")
 _BIAS_MODES = ("none", "all", "lora_only")
+_PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,9 @@ class LoraConfig:
       dropout_rng: name of the rng stream used by LoRA dropout.
       rank_pattern: per-layer rank overrides ``{pattern: rank}`` (PEFT's rank_pattern); the first
         matching pattern wins, and that layer's scale uses its own rank.
+      param_dtype: dtype of lora_A / lora_B (and so of their optimizer state), whatever the base
+        layer's dtype: float32 by default, as PEFT keeps adapters of a bf16 or quantized base.
+        The update is computed in the layer's compute dtype.
     """
 
     rank: int = 8
@@ -54,6 +58,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
     dropout_rng: str = "lora_dropout"
     rank_pattern: tuple[tuple[str, int], ...] = ()
+    param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         # Accept any sequence (or a single string) for the pattern fields, store tuples.
@@ -76,6 +81,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init must be one of {_INIT_MODES}, got {self.init!r}")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
+        if self.param_dtype not in _PARAM_DTYPES:
+            raise ValueError(f"LoraConfig.param_dtype must be one of {_PARAM_DTYPES}, got {self.param_dtype!r}")
         if not isinstance(self.dropout_rng, str) or not self.dropout_rng:
             raise ValueError(f"LoraConfig.dropout_rng must be the non-empty name of an rng stream, "
                              f"got {self.dropout_rng!r}")

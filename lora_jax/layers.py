@@ -32,6 +32,7 @@ import flax.linen as nn
 import numpy as np
 
 from .config import LoraConfig
+from .core.dropout import dropout
 
 Array = jax.Array
 
@@ -113,11 +114,9 @@ def _broadcast_delta(lora_a: Array, lora_b: Array, shape: tuple[int, ...]) -> Ar
 # --------------------------------------------------------------------------- per-kind forward
 
 
-def _dropout(x: Array, rate: float, key: Array | None) -> Array:
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+def _accumulation(dtype: Any) -> Any:
+    """Accumulate low-precision (bf16 / fp16) LoRA products in float32."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
 
 def _check_rank(config: LoraConfig, path: str, n_in: int, n_out: int) -> None:
@@ -159,8 +158,9 @@ def lora_update(
     return config.scale * make(module, x, weight, args, kwargs, config, path, dropout_key)
 
 
-def _params(module, config, path, a_shape, b_shape, fan_in, kind, dtype):
+def _params(module, config, path, a_shape, b_shape, fan_in, kind):
     scope = module.scope
+    dtype = jnp.dtype(config.param_dtype)
     if not scope.has_variable("params", "lora_A") and not scope.is_mutable_collection("params"):
         raise ValueError(
             f"layer '{path}' is a LoRA target but its params hold no lora_A/lora_B: initialise the "
@@ -183,11 +183,12 @@ def _params(module, config, path, a_shape, b_shape, fan_in, kind, dtype):
 def _dense(module, x, kernel, args, kwargs, config, path, key):
     n_in, n_out = kernel.shape
     _check_rank(config, path, n_in, n_out)
-    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "dense", kernel.dtype)
-    x = _dropout(x, config.dropout, key)
+    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "dense")
+    x = dropout(x, config.dropout, key)
     dtype = jnp.result_type(x, kernel) if module.dtype is None else module.dtype
-    h = jnp.matmul(x.astype(dtype), a.astype(dtype), precision=module.precision)
-    return jnp.matmul(h, b.astype(dtype), precision=module.precision)
+    acc = _accumulation(dtype)
+    h = jnp.matmul(x.astype(dtype), a.astype(dtype), precision=module.precision, preferred_element_type=acc)
+    return jnp.matmul(h.astype(dtype), b.astype(dtype), precision=module.precision, preferred_element_type=acc)
 
 
 def _dense_general(module, x, kernel, args, kwargs, config, path, key):
@@ -199,15 +200,15 @@ def _dense_general(module, x, kernel, args, kwargs, config, path, key):
     n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
     _check_rank(config, path, n_in, n_out)
     a, b = _params(
-        module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "dense_general", kernel.dtype
-    )
-    x = _dropout(x, config.dropout, key)
+        module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "dense_general")
+    x = dropout(x, config.dropout, key)
     dtype = jnp.result_type(x, kernel) if module.dtype is None else module.dtype
     moved = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
     batch_shape = moved.shape[: x.ndim - len(axes)]
     flat = moved.reshape(batch_shape + (n_in,)).astype(dtype)
-    h = jnp.matmul(flat, a.astype(dtype), precision=module.precision)
-    out = jnp.matmul(h, b.astype(dtype), precision=module.precision)
+    acc = _accumulation(dtype)
+    h = jnp.matmul(flat, a.astype(dtype), precision=module.precision, preferred_element_type=acc)
+    out = jnp.matmul(h.astype(dtype), b.astype(dtype), precision=module.precision, preferred_element_type=acc)
     return out.reshape(batch_shape + tuple(out_shape))
 
 
@@ -231,8 +232,8 @@ def _einsum(module, x, kernel, args, kwargs, config, path, key):
     _check_rank(config, path, n_in, n_out)
     a_shape = tuple(1 if i in out_axes else d for i, d in enumerate(kernel.shape)) + (config.rank,)
     b_shape = tuple(1 if i in in_axes else d for i, d in enumerate(kernel.shape)) + (config.rank,)
-    a, b = _params(module, config, path, a_shape, b_shape, n_in, "einsum", kernel.dtype)
-    x = _dropout(x, config.dropout, key)
+    a, b = _params(module, config, path, a_shape, b_shape, n_in, "einsum")
+    x = dropout(x, config.dropout, key)
     dtype = jnp.result_type(x, kernel) if module.dtype is None else module.dtype
     free = iter(c for c in string.ascii_letters if c not in spec)
     rank_letter = next(free)
@@ -253,8 +254,8 @@ def _conv(module, x, kernel, args, kwargs, config, path, key):
     _check_rank(config, path, fan_in, n_out)
     a_shape = tuple(spatial) + (n_in, config.rank)
     b_shape = (1,) * len(spatial) + (config.rank, n_out)
-    a, b = _params(module, config, path, a_shape, b_shape, fan_in, "conv", kernel.dtype)
-    x = _dropout(x, config.dropout, key)
+    a, b = _params(module, config, path, a_shape, b_shape, fan_in, "conv")
+    x = dropout(x, config.dropout, key)
     # A is a conv with the base's geometry into r channels: reuse the module's own conv code on it.
     down = module.clone(parent=None, features=config.rank, use_bias=False, name=None)
     with _internal_call():
@@ -265,7 +266,7 @@ def _conv(module, x, kernel, args, kwargs, config, path, key):
 def _embed(module, x, embedding, args, kwargs, config, path, key):
     n_in, n_out = embedding.shape
     _check_rank(config, path, n_in, n_out)
-    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed", embedding.dtype)
+    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed")
     dtype = module.dtype or embedding.dtype
     return jnp.matmul(jnp.take(a, x, axis=0).astype(dtype), b.astype(dtype))
 
@@ -274,8 +275,8 @@ def _embed_attend(module, query, embedding, config, path, key):
     """The update of ``Embed.attend``: query (..., features) @ (A (vocab, r) · B (r, features)).T."""
     n_in, n_out = embedding.shape
     _check_rank(config, path, n_in, n_out)
-    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed", embedding.dtype)
-    query = _dropout(query, config.dropout, key)
+    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed")
+    query = dropout(query, config.dropout, key)
     dtype = module.dtype or embedding.dtype
     h = jnp.matmul(query.astype(dtype), b.astype(dtype).T)
     return jnp.matmul(h, a.astype(dtype).T)

@@ -71,6 +71,38 @@ def all_kinds_inputs():
     return ids, img
 
 
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 BERT with the packaged MiniLM's tokenizer, saved as a Hugging Face folder
+    (random weights): fast stand-in for a real checkpoint in experiment smoke tests."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lora_jax.models import BertConfig, BertModel, packaged_minilm_path
+    from lora_jax.models.pretrained import hf_key
+    from flax import traverse_util
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    source = packaged_minilm_path()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    config = BertConfig(vocab_size=vocab, **TINY_BERT)
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": ["BertModel"]}))
+    params = BertModel(config).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    state = {"bert." + hf_key(key[:-1], key[-1]): np.asarray(value.T if key[-1] == "kernel" else value)
+             for key, value in traverse_util.flatten_dict(params).items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_threads():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -104,24 +104,22 @@ def _write_tiny_semeval(folder, n=48):
 
 
 @pytest.mark.slow
-def test_pipeline_smoke_train_then_predict(tmp_path):
+def test_pipeline_smoke_train_then_predict(tmp_path, tiny_bert_dir):
     from experiments import bert_absa
 
     _write_tiny_semeval(tmp_path)
-    args = ["train", "--data-dir", str(tmp_path), "--epochs", "2", "--batch-size", "8", "--eval-batch-size", "8",
-            "--max-len", "32", "--lr", "3e-3"]
-    report = bert_absa.main(args + ["--out", str(tmp_path / "run")])
+    args = ["train", "--data-dir", str(tmp_path), "--model", str(tiny_bert_dir), "--epochs", "2", "--batch-size", "8",
+            "--eval-batch-size", "8", "--max-len", "32", "--lr", "3e-3"]
+    bert_absa.main(args + ["--out", str(tmp_path / "run")])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     run = saved["runs"][0]
-    assert run["mode"] == "lora" and run["trainable_params"] == 74_883
+    hidden, layers, rank, labels = 32, 2, 8, 3  # LoRA on query and value of each layer, the classifier in full
+    assert run["mode"] == "lora" and run["trainable_params"] == layers * 2 * 2 * hidden * rank + hidden * labels + labels
     assert run["encoder_trainable_params"] / run["encoder_total_params"] < 0.01
     assert set(run["test"]) >= {"accuracy", "macro_f1", "per_class_f1", "confusion"}
     assert np.array(run["test"]["confusion"]).sum() == 24
     for plot in ("training_curves.png", "confusion_matrix.png"):
         assert (tmp_path / "run" / plot).stat().st_size > 1000
-    again = bert_absa.main(args + ["--out", str(tmp_path / "run2")])
-    assert again["runs"][0]["history"] == [{**h, "elapsed_s": a["elapsed_s"]} for h, a in
-                                           zip(report["runs"][0]["history"], again["runs"][0]["history"])]
 
     results = bert_absa.main(["predict", "--adapter", run["adapter_dir"], "The battery is wonderful .",
                               "--aspect", "battery", "--aspect", "screen"])
@@ -129,6 +127,14 @@ def test_pipeline_smoke_train_then_predict(tmp_path):
     for r in results:
         assert set(r["probabilities"]) == {"negative", "neutral", "positive"}
         assert abs(sum(r["probabilities"].values()) - 1.0) < 1e-3
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"sentence": f"The battery is {w} .", "aspect": "battery"}) + "\n"
+                            for w in ("wonderful", "terrible", "okay")))
+    bert_absa.main(["predict", "--adapter", run["adapter_dir"], "--input", str(rows), "--output",
+                    str(tmp_path / "predictions.csv"), "--batch-size", "2"])
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "sentence,aspect,sentiment,p_negative,p_neutral,p_positive" and len(lines) == 4
+    assert lines[1].startswith("The battery is wonderful .,battery,")
 
 
 def test_seed_summary_gives_mean_and_sample_sd_per_mode():
@@ -172,12 +178,19 @@ def test_bad_train_flags_are_refused_at_parse_time(flag, value, capsys):
     assert "argument " + flag in capsys.readouterr().err or "--max-len" in flag
 
 
-def test_predict_refuses_empty_input_and_warns_about_absent_aspects():
-    from experiments.bert_absa import check_aspects
+def test_predict_rows_refuse_empty_input_and_warn_about_absent_aspects_by_row(tmp_path):
+    from experiments.bert_absa import check_rows, read_rows
 
-    with pytest.raises(ValueError, match="sentence is empty"):
-        check_aspects("  ", ["battery"])
-    with pytest.raises(ValueError, match="--aspect .* is empty"):
-        check_aspects("Great battery.", [""])
-    with pytest.warns(UserWarning, match="aspect 'screen' does not occur in the sentence"):
-        check_aspects("Great battery.", ["battery", "screen"])
+    with pytest.raises(ValueError, match="nothing to predict"):
+        check_rows([])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"sentence": "Great battery.", "aspect": "battery"}\n\n{"sentence": " ", "aspect": "x"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:3: the sentence is empty"):
+        check_rows(read_rows(rows))
+    rows.write_text('{"sentence": "Great battery.", "aspect": "battery"}\n{"sentence": "Great battery.", '
+                    '"aspect": "screen"}\n')
+    with pytest.warns(UserWarning, match=r"rows.jsonl:2: aspect 'screen' does not occur in the sentence"):
+        check_rows(read_rows(rows))
+    rows.write_text('{"sentence": "no aspect"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: expected \{"):
+        read_rows(rows)

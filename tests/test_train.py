@@ -193,7 +193,8 @@ def _bert_flops(layers: int, hidden: int) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_lora_step_needs_at_most_072_of_full_finetuning_flops():
-    """A 6-layer hidden-384 encoder at batch 8 x 128: weight gradients of frozen kernels are never formed."""
-    lora, full = _bert_flops(6, 384)
+    """A 2-layer hidden-384 encoder at batch 8 x 128 (MiniLM's layer shape): weight gradients of frozen kernels
+    are never formed."""
+    lora, full = _bert_flops(2, 384)
     assert lora / full <= 0.72, (lora, full, lora / full)
 

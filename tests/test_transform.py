@@ -262,3 +262,18 @@ def test_lora_dropout_inside_scan_needs_its_stream_split_and_then_works():
     eval_out = split.apply({"params": params}, x)
     train_out = split.apply({"params": params}, x, rngs={"lora_dropout": jax.random.key(2)})
     assert float(jnp.abs(train_out - eval_out).max()) > 1e-3  # dropout is really on
+
+
+def test_lora_factors_are_float32_on_a_bf16_base_unless_asked_otherwise():
+    x = jax.random.normal(jax.random.key(0), (3, 6))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, name="fc")(x)
+
+    params = lora_jax.lora(Net(), LoraConfig(rank=2, targets=("fc",))).init(jax.random.key(1), x)["params"]
+    assert params["fc"]["kernel"].dtype == jnp.bfloat16
+    assert params["fc"]["lora_A"].dtype == jnp.float32 and params["fc"]["lora_B"].dtype == jnp.float32
+    half = lora_jax.lora(Net(), LoraConfig(rank=2, targets=("fc",), param_dtype="bfloat16"))
+    assert half.init(jax.random.key(1), x)["params"]["fc"]["lora_A"].dtype == jnp.bfloat16

@@ -9,11 +9,15 @@ Shapes: ids and masks are (batch, seq); hidden states (batch, seq, hidden).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from ..nn import Dropout
+from .precision import DTYPES, mixed_dot_general
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -51,6 +55,8 @@ class BertConfig:
     classifier_dropout: float | None = None
     num_labels: int = 2
     remat: str = "none"  # activation checkpointing per layer: one of REMAT_POLICIES (not a Hugging Face field)
+    dtype: str = "float32"  # compute dtype of the matmuls (accumulation, LayerNorm, softmax stay float32)
+    param_dtype: str = "float32"  # dtype the params are stored in
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -74,6 +80,9 @@ class BertConfig:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
         if self.model_type not in ("bert", "roberta"):
@@ -104,12 +113,23 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
 
-def _dense(features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, name=name, kernel_init=nn.initializers.normal(0.02))
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+    """A Dense layer whose matmul takes ``config.dtype`` inputs and gives float32 outputs."""
+    compute = DTYPES[config.dtype]
+    return nn.Dense(features, name=name, kernel_init=nn.initializers.normal(0.02), param_dtype=DTYPES[config.param_dtype],
+                    dtype=compute, dot_general=mixed_dot_general(compute))
 
 
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name, dtype=jnp.float32,
+                        param_dtype=DTYPES[config.param_dtype])
+
+
+def _batched_matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+    """einsum with ``dtype`` inputs and a float32 result (attention's score and context products)."""
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def roberta_position_ids(input_ids: jax.Array, padding_idx: int) -> jax.Array:
@@ -124,14 +144,13 @@ class BertEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
         c = self.config
-        init = nn.initializers.normal(0.02)
-        words = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="word_embeddings")(input_ids)
-        positions = nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init,
-                             name="position_embeddings")(position_ids)
-        types = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init,
-                         name="token_type_embeddings")(token_type_ids)
+        embed = lambda n, name: nn.Embed(n, c.hidden_size, embedding_init=nn.initializers.normal(0.02), name=name,
+                                         dtype=jnp.float32, param_dtype=DTYPES[c.param_dtype])
+        words = embed(c.vocab_size, "word_embeddings")(input_ids)
+        positions = embed(c.max_position_embeddings, "position_embeddings")(position_ids)
+        types = embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         h = _layer_norm(c, "LayerNorm")(words + types + positions)
-        return nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -139,16 +158,18 @@ class BertSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, h, mask_bias, deterministic: bool):
+        """Head-major layout (batch, heads, seq, head_dim), 1/sqrt(head_dim) applied to the queries."""
         c = self.config
         batch, seq, _ = h.shape
-        split = lambda t: t.reshape(batch, seq, c.num_attention_heads, c.head_dim)
-        q = split(_dense(c.hidden_size, "query")(h))
-        k = split(_dense(c.hidden_size, "key")(h))
-        v = split(_dense(c.hidden_size, "value")(h))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(c.head_dim, q.dtype))
-        probs = jax.nn.softmax(scores + mask_bias, axis=-1)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq, c.hidden_size)
+        heads = lambda t: t.reshape(batch, seq, c.num_attention_heads, c.head_dim).transpose(0, 2, 1, 3)
+        q = heads(_dense(c, c.hidden_size, "query")(h) * (1.0 / math.sqrt(c.head_dim)))
+        k = heads(_dense(c, c.hidden_size, "key")(h))
+        v = heads(_dense(c, c.hidden_size, "value")(h))
+        compute = DTYPES[c.dtype]
+        probs = jax.nn.softmax(_batched_matmul("bhqd,bhkd->bhqk", q, k, compute) + mask_bias, axis=-1)
+        probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = _batched_matmul("bhqk,bhkd->bhqd", probs, v, compute)
+        return context.transpose(0, 2, 1, 3).reshape(batch, seq, c.hidden_size)
 
 
 class BertSelfOutput(nn.Module):
@@ -158,8 +179,8 @@ class BertSelfOutput(nn.Module):
 
     @nn.compact
     def __call__(self, h, residual, deterministic: bool):
-        h = _dense(self.config.hidden_size, "dense")(h)
-        h = nn.Dropout(self.config.hidden_dropout_prob)(h, deterministic=deterministic)
+        h = _dense(self.config, self.config.hidden_size, "dense")(h)
+        h = Dropout(self.config.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(self.config, "LayerNorm")(h + residual)
 
 
@@ -177,7 +198,7 @@ class BertIntermediate(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        return _ACTIVATIONS[self.config.hidden_act](_dense(self.config.intermediate_size, "dense")(h))
+        return _ACTIVATIONS[self.config.hidden_act](_dense(self.config, self.config.intermediate_size, "dense")(h))
 
 
 class BertLayer(nn.Module):
@@ -218,7 +239,7 @@ class BertPooler(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        return jnp.tanh(_dense(self.config.hidden_size, "dense")(h[:, 0]))
+        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(h[:, 0]))
 
 
 class BertModel(nn.Module):
@@ -269,10 +290,10 @@ class RobertaClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, h, deterministic: bool):
         rate = _classifier_dropout(self.config)
-        x = nn.Dropout(rate)(h[:, 0], deterministic=deterministic)
-        x = jnp.tanh(_dense(self.config.hidden_size, "dense")(x))
-        x = nn.Dropout(rate)(x, deterministic=deterministic)
-        return _dense(self.config.num_labels, "out_proj")(x)
+        x = Dropout(rate)(h[:, 0], deterministic=deterministic)
+        x = jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(x))
+        x = Dropout(rate)(x, deterministic=deterministic)
+        return _dense(self.config, self.config.num_labels, "out_proj")(x)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -288,8 +309,8 @@ class BertForSequenceClassification(nn.Module):
         h, pooled = _backbone(c, not is_roberta, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         if is_roberta:
             return RobertaClassificationHead(c, name="classifier")(h, deterministic)
-        x = nn.Dropout(_classifier_dropout(c))(pooled, deterministic=deterministic)
-        return _dense(c.num_labels, "classifier")(x)
+        x = Dropout(_classifier_dropout(c))(pooled, deterministic=deterministic)
+        return _dense(c, c.num_labels, "classifier")(x)
 
 
 class BertForTokenClassification(nn.Module):
@@ -302,8 +323,8 @@ class BertForTokenClassification(nn.Module):
                  deterministic: bool = True):
         c = self.config
         h, _ = _backbone(c, False, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        h = nn.Dropout(_classifier_dropout(c))(h, deterministic=deterministic)
-        return _dense(c.num_labels, "classifier")(h)
+        h = Dropout(_classifier_dropout(c))(h, deterministic=deterministic)
+        return _dense(c, c.num_labels, "classifier")(h)
 
 
 class BertForQuestionAnswering(nn.Module):
@@ -316,7 +337,7 @@ class BertForQuestionAnswering(nn.Module):
                  deterministic: bool = True):
         c = self.config
         h, _ = _backbone(c, False, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        logits = _dense(2, "qa_outputs")(h)
+        logits = _dense(c, 2, "qa_outputs")(h)
         return logits[..., 0], logits[..., 1]
 
 

@@ -1,0 +1,1 @@
+"""Framework-free building blocks: pure functions on arrays (no flax)."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lora_jax.data import semeval
-from lora_jax.data.semeval import AspectExample, load_semeval, read_seg, read_xml
+from lora_jax.data.semeval import load_semeval, read_seg, read_xml
 from tests.conftest import SHARED_DATA
 
 SEMEVAL = SHARED_DATA / "semeval14"
@@ -194,3 +194,15 @@ def test_predict_rows_refuse_empty_input_and_warn_about_absent_aspects_by_row(tm
     rows.write_text('{"sentence": "no aspect"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:1: expected \{"):
         read_rows(rows)
+
+
+def test_balanced_class_weights_give_every_class_the_same_total_weight():
+    from experiments.bert_absa import class_weights
+
+    labels = np.array([0, 0, 0, 0, 1, 2, 2, 2])
+    weights = class_weights(labels, "balanced")
+    np.testing.assert_allclose(weights, [8 / (3 * 4), 8 / (3 * 1), 8 / (3 * 3)], rtol=1e-6)
+    totals = np.bincount(labels, weights=weights[labels])
+    np.testing.assert_allclose(totals, [8 / 3] * 3, rtol=1e-6)  # each class sums to n / K
+    np.testing.assert_array_equal(class_weights(labels, "none"), [1, 1, 1])
+    assert np.isfinite(class_weights(np.array([0, 0, 2]), "balanced")).all()  # an absent class gets a finite weight

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from lora_jax.data.mnist import FILES, load_from_dir, load_mnist, read_idx
+from lora_jax.data.mnist import load_from_dir, load_mnist, read_idx
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False) -> None:

@@ -1,9 +1,7 @@
 """The torch-free pytorch_model.bin reader: real checkpoints load exactly; crafted ones never crash or leak."""
 
 import collections
-import io
 import json
-import os
 import pickle
 import subprocess
 import sys

@@ -41,7 +41,7 @@ from .common import (check_finite, make_parser, non_negative_float, non_negative
 # by dev macro-F1 averaged over seeds 0-2 on laptops (README, "Experiment: LoRA-BERT ..."): batch 16 at a
 # constant rate without warm-up and a class-balanced loss; full fine-tuning keeps its earlier choice.
 MODE_DEFAULTS = {
-    "lora": {"lr": 1e-3, "epochs": 3, "batch_size": 16, "warmup": 0.0, "schedule": "constant", "patience": 2,
+    "lora": {"lr": 1e-3, "epochs": 5, "batch_size": 16, "warmup": 0.0, "schedule": "constant", "patience": 2,
              "class_weight": "balanced", "lora_plus_ratio": 1.0},
     "full": {"lr": 1e-4, "epochs": 5, "batch_size": 32, "warmup": 0.1, "schedule": "linear", "patience": 2,
              "class_weight": "none"},

@@ -31,7 +31,7 @@ import optax
 from tqdm.auto import tqdm
 
 import lora_jax
-from lora_jax.data.semeval import LABELS, AspectExample, load_semeval, read_seg
+from experiments.data.semeval import LABELS, AspectExample, load_semeval, read_seg
 from lora_jax.models import PACKAGED_MINILM, REMAT_POLICIES, from_pretrained
 
 from .common import (check_finite, make_parser, non_negative_float, non_negative_int, open_fraction, output_dir,

@@ -23,8 +23,8 @@ import optax
 from tqdm.auto import tqdm
 
 import lora_jax
-from lora_jax.data.mnist import SOURCES, load_mnist
-from lora_jax.models import MLP
+from experiments.data.mnist import SOURCES, load_mnist
+from experiments.mlp import MLP
 
 from .common import (check_finite, int_list, make_parser, non_negative_int, output_dir, positive_float, positive_int,
                      print_table, run_cli, tree_bytes, write_json)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 import lora_jax
-from lora_jax.models import MLP
+from experiments.mlp import MLP
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from .config import LoraConfig
 from .fingerprint import check_base_fingerprint
-from .layers import weight_delta
+from .core.kinds import delta
 from .masking import LORA_LEAVES, partition, trainable_mask
 from .merge import base_leaf_key
 from .targets import any_matches, path_str
@@ -48,7 +48,14 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
     flat = traverse_util.flatten_dict(dict(adapter_params))
     for key, value in flat.items():
         module, leaf = key[:-1], key[-1]
-        if leaf in LORA_LEAVES:
+        if leaf in LORA_LEAVES and leaf not in ("lora_A", "lora_B"):  # a variant's leaf, e.g. lora_magnitude
+            weight_key = base_leaf_key(flat_base, module)
+            weight_shape = tuple(flat_base[weight_key].shape)
+            if len(value.shape) != len(weight_shape) or any(d not in (1, w) for d, w in zip(value.shape, weight_shape)):
+                raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)}, which does not fit "
+                                 f"the base leaf '{path_str(weight_key)}' of shape {weight_shape} (it needs that shape "
+                                 f"with 1 on the contracted axes)")
+        elif leaf in LORA_LEAVES:
             weight_key = base_leaf_key(flat_base, module)
             weight = flat_base[weight_key]
             other = flat.get(module + ("lora_B" if leaf == "lora_A" else "lora_A",))
@@ -56,7 +63,7 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
                 raise ValueError(f"adapter leaf '{path_str(key)}' has no partner lora_A/lora_B")
             a, b = (value, other) if leaf == "lora_A" else (other, value)
             try:
-                jax.eval_shape(functools.partial(weight_delta, shape=tuple(weight.shape)), a, b)
+                jax.eval_shape(functools.partial(delta, shape=tuple(weight.shape)), a, b)
             except (TypeError, ValueError):
                 raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)} (lora_A "
                                  f"{tuple(a.shape)}, lora_B {tuple(b.shape)}), which does not fit the base leaf "
@@ -122,6 +129,10 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     """
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+    dora = [i for i, a in enumerate(adapters) if a.config.use_dora]
+    if dora:
+        raise ValueError(f"adapters {dora} are DoRA adapters: their magnitudes do not combine linearly, so "
+                         f"add_weighted_adapter takes plain LoRA adapters only")
     if combination_type not in ("linear", "cat"):
         raise ValueError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
     flats = [traverse_util.flatten_dict(dict(a.params)) for a in adapters]

@@ -10,6 +10,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from .core.variants import DORA, LORA, Variant
 from .targets import matches, validate_patterns
 
 BiasMode = Literal["none", "all", "lora_only"]
@@ -45,6 +46,8 @@ class LoraConfig:
       param_dtype: dtype of lora_A / lora_B (and so of their optimizer state), whatever the base
         layer's dtype: float32 by default, as PEFT keeps adapters of a bf16 or quantized base.
         The update is computed in the layer's compute dtype.
+      use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a trainable ``lora_magnitude``
+        per output rescales the normalised ``W + ΔW``. Dense, DenseGeneral, Conv and Embed layers.
     """
 
     rank: int = 8
@@ -59,6 +62,7 @@ class LoraConfig:
     dropout_rng: str = "lora_dropout"
     rank_pattern: tuple[tuple[str, int], ...] = ()
     param_dtype: str = "float32"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         # Accept any sequence (or a single string) for the pattern fields, store tuples.
@@ -77,6 +81,10 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.rslora must be True or False, got {self.rslora!r} "
                              f"({type(self.rslora).__name__})")
         object.__setattr__(self, "rslora", bool(self.rslora))
+        if not isinstance(self.use_dora, (bool, np.bool_)):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r} "
+                             f"({type(self.use_dora).__name__})")
+        object.__setattr__(self, "use_dora", bool(self.use_dora))
         if self.init not in _INIT_MODES:
             raise ValueError(f"LoraConfig.init must be one of {_INIT_MODES}, got {self.init!r}")
         if self.bias not in _BIAS_MODES:
@@ -94,6 +102,11 @@ class LoraConfig:
     def scale(self) -> float:
         """The factor applied to x·A·B: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.scale_for(self.rank)
+
+    @property
+    def variant(self) -> Variant:
+        """How the update enters the layer and the merge: ``DORA`` with ``use_dora``, else ``LORA``."""
+        return DORA if self.use_dora else LORA
 
     def scale_for(self, rank: int) -> float:
         """The scale of a layer of the given rank (layers may differ through ``rank_pattern``)."""

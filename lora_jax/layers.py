@@ -1,38 +1,27 @@
-"""Per-layer LoRA math: the shapes of lora_A / lora_B and the low-rank update for each layer kind.
+"""The linen front end of LoRA's per-layer math: which flax layers are adapted, and how.
 
-Layouts (``r`` = rank; a leading stacked axis from ``nn.scan`` is allowed everywhere):
-
-=================  ==============================  ===============================  =========
-layer              lora_A                          lora_B                           base leaf
-=================  ==============================  ===============================  =========
-nn.Dense           (in, r)                         (r, out)                         kernel
-nn.DenseGeneral    (prod(in_shape), r)             (r, prod(features))              kernel
-nn.Conv            kernel_size + (in, r)           (1,) * n_spatial + (r, out)      kernel
-nn.Embed           (num_embeddings, r)             (r, features)                    embedding
-nn.Einsum          kernel shape, out axes -> 1,    kernel shape, in axes -> 1,      kernel
-                   + (r,)                          + (r,)
-=================  ==============================  ===============================  =========
-
-Every layout but Einsum's gives the weight update as ``A @ B`` reshaped to the base leaf; Einsum's
-"broadcast" layout (``A.ndim == kernel.ndim + 1``) gives it as ``sum_r A[..., r] * B[..., r]``,
-which keeps any order of contracted and output axes in the kernel. ``weight_delta`` holds both.
+For a targeted layer this module reads the frozen weight from the layer's scope, creates or reads
+``lora_A`` / ``lora_B`` (and a variant's extra leaves) beside it, and asks ``core.kinds`` for the
+low-rank product and ``core.variants`` for the adapted output. All array math lives in ``core``;
+what is here is flax: scopes, params, the layers' own attributes (axes, precision, conv geometry).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
-import string
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
 
 from .config import LoraConfig
+from .core import kinds
 from .core.dropout import dropout
+from .core.init import a_initializer
+from .core.variants import ADAPTER_LEAVES
 
 Array = jax.Array
 
@@ -64,222 +53,210 @@ def base_leaf_name(kind: str) -> str:
     return "embedding" if kind == "embed" else "kernel"
 
 
-# --------------------------------------------------------------------------- initialisers
+# --------------------------------------------------------------------------- one adapted call
 
 
-def _a_init(config: LoraConfig, fan_in: int, kind: str) -> Callable[[Array, tuple[int, ...], Any], Array]:
-    """A's initialiser: PEFT's kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How one call of a layer kind is adapted: its factor shapes, the low-rank product of the
+    (dropped-out) input, and the input through the frozen weight without bias (DoRA's base term)."""
 
-    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-        if kind == "embed":  # a lookup table: unit gaussian, as PEFT inits the embedding factor
-            return jax.random.normal(key, shape, dtype)
-        if config.init == "gaussian":
-            return jax.random.normal(key, shape, dtype) / config.rank
-        bound = 1.0 / math.sqrt(fan_in)
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    shapes: kinds.FactorShapes
+    update: Callable[[Array, Array, Array], Array]  # (x, A, B) -> unscaled low-rank output
+    base_term: Callable[[Array], Array] | None  # x -> x through the weight, no bias; None: unsupported
+    uses_dropout: bool = True
+    einsum_axes: kinds.EinsumAxes | None = None
 
 
-# --------------------------------------------------------------------------- the update
+def adapted_output(module: nn.Module, kind: str, args: tuple, kwargs: dict, config: LoraConfig, path: str,
+                   dropout_key: Array | None, base_out: Array, method: str = "__call__") -> Array:
+    """The output of one call of a targeted layer with its adapter: ``base_out`` (the frozen layer's
+    own output for this call) combined with ``scale · f(dropout(x); A, B)`` by ``config.variant``,
+    creating lora_A / lora_B (and the variant's leaves) in the layer's scope at init.
 
-
-def weight_delta(lora_a: Array, lora_b: Array, shape: tuple[int, ...]) -> Array:
-    """The dense weight update A·B in the base leaf's ``shape`` (unscaled)."""
-    if lora_a.ndim == len(shape) + 1:
-        return _broadcast_delta(lora_a, lora_b, shape)
-    return jnp.matmul(lora_a, lora_b).reshape(shape)
-
-
-def _broadcast_delta(lora_a: Array, lora_b: Array, shape: tuple[int, ...]) -> Array:
-    letters = iter(string.ascii_letters)
-    rank_letter = next(letters)
-    a_spec, b_spec, out_spec = [], [], []
-    for a_dim, b_dim, dim in zip(lora_a.shape[:-1], lora_b.shape[:-1], shape):
-        shared = next(letters)
-        out_spec.append(shared)
-        if a_dim == dim and b_dim == dim:  # stacked axis, or an axis of size one
-            a_spec.append(shared)
-            b_spec.append(shared)
-        elif a_dim == dim:
-            a_spec.append(shared)
-            b_spec.append(next(letters))
-        else:
-            a_spec.append(next(letters))
-            b_spec.append(shared)
-    spec = f"{''.join(a_spec)}{rank_letter},{''.join(b_spec)}{rank_letter}->{''.join(out_spec)}"
-    return jnp.einsum(spec, lora_a, lora_b)
-
-
-# --------------------------------------------------------------------------- per-kind forward
-
-
-def _accumulation(dtype: Any) -> Any:
-    """Accumulate low-precision (bf16 / fp16) LoRA products in float32."""
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
-
-
-def _check_rank(config: LoraConfig, path: str, n_in: int, n_out: int) -> None:
-    if config.rank > min(n_in, n_out):
-        raise ValueError(
-            f"LoRA rank {config.rank} exceeds min(in, out) = min({n_in}, {n_out}) at layer '{path}'; "
-            f"a low-rank update cannot have a larger rank than the weight it adapts"
-        )
-
-
-def lora_update(
-    module: nn.Module,
-    kind: str,
-    args: tuple,
-    kwargs: dict,
-    config: LoraConfig,
-    path: str,
-    dropout_key: Array | None,
-    method: str = "__call__",
-) -> Array:
-    """scale · f(x; A, B) for one call of a targeted layer, creating lora_A / lora_B in its scope.
-
-    ``method`` is the layer method being called: ``'attend'`` on an Embed computes the update of
-    ``query @ embedding.T``, i.e. ``query @ (A·B).T``.
+    ``method`` is the layer method being called: ``'attend'`` on an Embed adapts
+    ``query @ embedding.T`` with ``query @ (A·B).T``.
     """
-    config = config.replace(rank=config.rank_for(path), rank_pattern=())  # this layer's rank and scale
-    scope = module.scope
-    weight = nn.meta.unbox(scope.get_variable("params", base_leaf_name(kind)))
+    rank = config.rank_for(path)
+    scale = config.scale_for(rank)
+    variant = config.variant
+    weight = nn.meta.unbox(module.scope.get_variable("params", base_leaf_name(kind)))
     x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
-    if method == "attend":
-        return config.scale * _embed_attend(module, x, weight, config, path, dropout_key)
-    make = {
-        "dense": _dense,
-        "dense_general": _dense_general,
-        "einsum": _einsum,
-        "conv": _conv,
-        "embed": _embed,
-    }[kind]
-    return config.scale * make(module, x, weight, args, kwargs, config, path, dropout_key)
+    plan = _attend_plan(module, weight, rank) if method == "attend" else \
+        _PLANNERS[kind](module, weight, args, kwargs, rank, path)
+    if variant.leaves and (plan.base_term is None or method == "attend"):
+        raise NotImplementedError(f"LoRA variant '{variant.name}' is not supported on layer '{path}' "
+                                  f"({kind}{'.attend' if method == 'attend' else ''}); it supports Dense, "
+                                  f"DenseGeneral, Conv and Embed calls")
+    kinds.check_rank(rank, plan.shapes.n_in, plan.shapes.n_out, path)
+    a, b, extra = _adapter_params(module, config, path, plan, kind, rank, scale, weight)
+    dropped = dropout(x, config.dropout, dropout_key) if plan.uses_dropout and dropout_key is not None else x
+    update = scale * plan.update(dropped, a, b)
+    if not variant.leaves:  # plain LoRA needs neither the weight update nor the base term
+        return variant.output(base_out, update, leaves=extra, weight=weight, scaled_delta=None, base_term=None,
+                              out_ndim=plan.shapes.out_ndim)
+
+    def base_term() -> Array:
+        if dropped is x:  # the frozen layer already saw this input: reuse its output, less the bias
+            bias = module.scope.get_variable("params", "bias") if module.scope.has_variable("params", "bias") else None
+            return base_out if bias is None else base_out - nn.meta.unbox(bias).astype(base_out.dtype)
+        return plan.base_term(dropped)
+
+    scaled_delta = lambda: scale * kinds.delta(a.astype(jnp.float32), b.astype(jnp.float32), tuple(weight.shape))
+    return variant.output(base_out, update, leaves=extra, weight=weight, scaled_delta=scaled_delta,
+                          base_term=base_term, out_ndim=plan.shapes.out_ndim)
 
 
-def _params(module, config, path, a_shape, b_shape, fan_in, kind):
+def _adapter_params(module, config, path, plan: "_Plan", kind, rank, scale, weight):
+    """lora_A, lora_B and the variant's leaves of this layer: read if present, created at init.
+
+    When the base weight is boxed with sharding names (``nn.Partitioned`` / ``nn.LogicallyPartitioned``,
+    e.g. from ``nn.with_partitioning``), the new leaves are boxed the same way: A carries the weight's
+    input-axis names, B its output-axis names, the rank axis none (``core.kinds.factor_axis_names``).
+    """
+    shapes = plan.shapes
     scope = module.scope
+    variant = config.variant
     dtype = jnp.dtype(config.param_dtype)
     if not scope.has_variable("params", "lora_A") and not scope.is_mutable_collection("params"):
         raise ValueError(
             f"layer '{path}' is a LoRA target but its params hold no lora_A/lora_B: initialise the "
             f"adapter with model.init(...) or lora_jax.init_lora_params(model, base_params, rng, ...)"
         )
-    for name, want in (("lora_A", a_shape), ("lora_B", b_shape)):
+    for name, want in (("lora_A", shapes.a), ("lora_B", shapes.b)):
         if scope.has_variable("params", name):
-            have = tuple(scope.get_variable("params", name).shape)
+            have = tuple(nn.meta.unbox(scope.get_variable("params", name)).shape)
             if have != tuple(want):
                 raise ValueError(f"{name} at '{path}' has shape {have}, but this layer needs {tuple(want)}")
     if scope.has_variable("params", "lora_A") != scope.has_variable("params", "lora_B"):
         raise ValueError(f"layer '{path}' holds only one of lora_A / lora_B; an adapter needs both")
+    stray = [leaf for leaf in ADAPTER_LEAVES[2:] if leaf not in variant.leaves and scope.has_variable("params", leaf)]
+    if stray:
+        raise ValueError(f"layer '{path}' holds {stray}, leaves of another LoRA variant than '{variant.name}': "
+                         f"set the config's use_dora to match the adapter")
+    read = lambda name: nn.meta.unbox(scope.get_variable("params", name))
     if scope.has_variable("params", "lora_A"):  # read, not re-declared: a layer may run twice per call
-        return scope.get_variable("params", "lora_A"), scope.get_variable("params", "lora_B")
-    a = scope.param("lora_A", _a_init(config, fan_in, kind), a_shape, dtype)
-    b = scope.param("lora_B", nn.initializers.zeros, b_shape, dtype)
-    return a, b
+        a, b = read("lora_A"), read("lora_B")
+    else:
+        box = _boxer(scope.get_variable("params", base_leaf_name(kind)), kind, shapes, plan.einsum_axes)
+        init = a_initializer(config.init, shapes.fan_in, rank, lookup_table=kind == "embed")
+        a = scope.param("lora_A", box(init, "a"), shapes.a, dtype)
+        b = scope.param("lora_B", box(nn.initializers.zeros, "b"), shapes.b, dtype)
+    extra = {}
+    for name in variant.leaves:
+        if scope.has_variable("params", name):
+            extra[name] = read(name)
+        elif scope.is_mutable_collection("params"):
+            box = _boxer(scope.get_variable("params", base_leaf_name(kind)), kind, shapes, plan.einsum_axes)
+            scaled = scale * kinds.delta(a.astype(jnp.float32), b.astype(jnp.float32), tuple(weight.shape))
+            value = variant.init_leaves(weight, scaled, shapes.out_ndim)[name].astype(dtype)
+            extra[name] = scope.param(name, box(lambda *_: value, "magnitude"))
+        else:
+            raise ValueError(f"layer '{path}' is a {variant.name} target but its params hold no {name}: the "
+                             f"adapter was trained without it; set use_dora to match the adapter")
+    return a, b, extra
 
 
-def _dense(module, x, kernel, args, kwargs, config, path, key):
-    n_in, n_out = kernel.shape
-    _check_rank(config, path, n_in, n_out)
-    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "dense")
-    x = dropout(x, config.dropout, key)
-    dtype = jnp.result_type(x, kernel) if module.dtype is None else module.dtype
-    acc = _accumulation(dtype)
-    h = jnp.matmul(x.astype(dtype), a.astype(dtype), precision=module.precision, preferred_element_type=acc)
-    return jnp.matmul(h.astype(dtype), b.astype(dtype), precision=module.precision, preferred_element_type=acc)
+def _boxer(base_leaf: Any, kind: str, shapes: kinds.FactorShapes, einsum_axes: kinds.EinsumAxes | None):
+    """``box(init, role)``: ``init`` wrapped to box its value like ``base_leaf`` (role 'a' | 'b' |
+    'magnitude' picks the axis names), or ``init`` itself when the base leaf carries no names."""
+    names = getattr(base_leaf, "names", None)
+    if not isinstance(base_leaf, nn.meta.AxisMetadata) or names is None:
+        return lambda init, role: init
+    roles = dict(zip(("a", "b", "magnitude"), kinds.factor_axis_names(kind, tuple(names), shapes, einsum_axes)))
+
+    def box(init, role):
+        def boxed(*args, **kwargs):
+            return dataclasses.replace(base_leaf, value=init(*args, **kwargs), names=roles[role])
+        return boxed
+
+    return box
 
 
-def _dense_general(module, x, kernel, args, kwargs, config, path, key):
+def _compute_dtype(module: nn.Module, x: Array, weight: Array) -> Any:
+    return jnp.result_type(x, weight) if module.dtype is None else module.dtype
+
+
+def _dense_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+    def update(x, a, b):
+        return kinds.low_rank_matmul(x, a, b, _compute_dtype(module, x, weight), module.precision)
+
+    def base_term(x):
+        dtype = _compute_dtype(module, x, weight)
+        return jnp.matmul(x.astype(dtype), weight.astype(dtype), precision=module.precision)
+
+    return _Plan(kinds.dense_shapes(tuple(weight.shape), rank), update, base_term)
+
+
+def _dense_general_plan(module, weight, args, kwargs, rank, path) -> _Plan:
     if module.batch_dims:
         raise NotImplementedError(f"LoRA on nn.DenseGeneral with batch_dims is not supported (layer '{path}')")
+    x = args[0] if args else kwargs["inputs"]
     axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axes = tuple(a % x.ndim for a in axes)
-    in_shape, out_shape = kernel.shape[: len(axes)], kernel.shape[len(axes):]
-    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-    _check_rank(config, path, n_in, n_out)
-    a, b = _params(
-        module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "dense_general")
-    x = dropout(x, config.dropout, key)
-    dtype = jnp.result_type(x, kernel) if module.dtype is None else module.dtype
-    moved = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-    batch_shape = moved.shape[: x.ndim - len(axes)]
-    flat = moved.reshape(batch_shape + (n_in,)).astype(dtype)
-    acc = _accumulation(dtype)
-    h = jnp.matmul(flat, a.astype(dtype), precision=module.precision, preferred_element_type=acc)
-    out = jnp.matmul(h.astype(dtype), b.astype(dtype), precision=module.precision, preferred_element_type=acc)
-    return out.reshape(batch_shape + tuple(out_shape))
+    axes = tuple(ax % x.ndim for ax in axes)
+    shapes = kinds.dense_general_shapes(tuple(weight.shape), len(axes), rank)
+    out_shape = tuple(weight.shape[len(axes):])
+
+    def update(x, a, b):
+        return kinds.low_rank_dense_general(x, a, b, axes, out_shape, _compute_dtype(module, x, weight),
+                                            module.precision)
+
+    def base_term(x):
+        dtype = _compute_dtype(module, x, weight)
+        contract = (axes, tuple(range(len(axes))))
+        return jax.lax.dot_general(x.astype(dtype), weight.astype(dtype), (contract, ((), ())),
+                                   precision=module.precision)
+
+    return _Plan(shapes, update, base_term)
 
 
-def _einsum(module, x, kernel, args, kwargs, config, path, key):
-    einsum_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
-    spec = einsum_str.replace(" ", "")
-    if "..." in spec or spec.count(",") != 1 or "->" not in spec:
-        raise NotImplementedError(f"LoRA on nn.Einsum needs an explicit 'x,kernel->out' spec without '...' "
-                                  f"(layer '{path}' has {einsum_str!r})")
-    lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
-    in_axes = [i for i, c in enumerate(rhs) if c in lhs and c not in out]
-    out_axes = [i for i, c in enumerate(rhs) if c in out and c not in lhs]
-    if len(in_axes) + len(out_axes) != len(rhs):
-        raise NotImplementedError(
-            f"LoRA on nn.Einsum '{einsum_str}' at '{path}': kernel axes that are both batch and weight "
-            f"axes are not supported"
-        )
-    n_in = int(np.prod([kernel.shape[i] for i in in_axes]))
-    n_out = int(np.prod([kernel.shape[i] for i in out_axes]))
-    _check_rank(config, path, n_in, n_out)
-    a_shape = tuple(1 if i in out_axes else d for i, d in enumerate(kernel.shape)) + (config.rank,)
-    b_shape = tuple(1 if i in in_axes else d for i, d in enumerate(kernel.shape)) + (config.rank,)
-    a, b = _params(module, config, path, a_shape, b_shape, n_in, "einsum")
-    x = dropout(x, config.dropout, key)
-    dtype = jnp.result_type(x, kernel) if module.dtype is None else module.dtype
-    free = iter(c for c in string.ascii_letters if c not in spec)
-    rank_letter = next(free)
-    a_in = a.reshape([kernel.shape[i] for i in in_axes] + [config.rank]).astype(dtype)
-    b_out = jnp.moveaxis(b.reshape([kernel.shape[i] for i in out_axes] + [config.rank]), -1, 0).astype(dtype)
-    in_letters = "".join(rhs[i] for i in in_axes)
-    out_letters = "".join(rhs[i] for i in out_axes)
-    hidden = "".join(c for c in lhs if c not in in_letters) + rank_letter
-    h = jnp.einsum(f"{lhs},{in_letters}{rank_letter}->{hidden}", x.astype(dtype), a_in, precision=module.precision)
-    return jnp.einsum(f"{hidden},{rank_letter}{out_letters}->{out}", h, b_out, precision=module.precision)
+def _einsum_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+    spec = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+    axes = kinds.parse_einsum(spec, path)
+
+    def update(x, a, b):
+        return kinds.low_rank_einsum(x, a, b, tuple(weight.shape), axes, _compute_dtype(module, x, weight),
+                                     module.precision)
+
+    return _Plan(kinds.einsum_shapes(tuple(weight.shape), axes, rank), update, None, einsum_axes=axes)
 
 
-def _conv(module, x, kernel, args, kwargs, config, path, key):
+def _conv_plan(module, weight, args, kwargs, rank, path) -> _Plan:
     if module.feature_group_count != 1 or module.mask is not None:
         raise NotImplementedError(f"LoRA on grouped or masked nn.Conv is not supported (layer '{path}')")
-    spatial, (n_in, n_out) = kernel.shape[:-2], kernel.shape[-2:]
-    fan_in = int(np.prod(spatial)) * n_in
-    _check_rank(config, path, fan_in, n_out)
-    a_shape = tuple(spatial) + (n_in, config.rank)
-    b_shape = (1,) * len(spatial) + (config.rank, n_out)
-    a, b = _params(module, config, path, a_shape, b_shape, fan_in, "conv")
-    x = dropout(x, config.dropout, key)
-    # A is a conv with the base's geometry into r channels: reuse the module's own conv code on it.
-    down = module.clone(parent=None, features=config.rank, use_bias=False, name=None)
-    with _internal_call():
-        h = down.apply({"params": {"kernel": a}}, x)
-    return jnp.matmul(h, b.reshape(config.rank, n_out).astype(h.dtype), precision=module.precision)
+
+    def conv(x, kernel):  # the module's own conv code (padding modes, strides, dilation) on another kernel
+        plain = module.clone(parent=None, features=kernel.shape[-1], use_bias=False, name=None)
+        with _internal_call():
+            return plain.apply({"params": {"kernel": kernel}}, x)
+
+    def update(x, a, b):
+        return kinds.low_rank_conv(x, a, b, conv, module.precision)
+
+    return _Plan(kinds.conv_shapes(tuple(weight.shape), rank), update, lambda x: conv(x, weight))
 
 
-def _embed(module, x, embedding, args, kwargs, config, path, key):
-    n_in, n_out = embedding.shape
-    _check_rank(config, path, n_in, n_out)
-    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed")
-    dtype = module.dtype or embedding.dtype
-    return jnp.matmul(jnp.take(a, x, axis=0).astype(dtype), b.astype(dtype))
+def _embed_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+    def update(ids, a, b):
+        return kinds.low_rank_embed(ids, a, b, module.dtype or weight.dtype)
+
+    # an embedding has no bias and no LoRA dropout (ids are not features): its base term is its output
+    return _Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, _unreachable, uses_dropout=False)
 
 
-def _embed_attend(module, query, embedding, config, path, key):
-    """The update of ``Embed.attend``: query (..., features) @ (A (vocab, r) · B (r, features)).T."""
-    n_in, n_out = embedding.shape
-    _check_rank(config, path, n_in, n_out)
-    a, b = _params(module, config, path, (n_in, config.rank), (config.rank, n_out), n_in, "embed")
-    query = dropout(query, config.dropout, key)
-    dtype = module.dtype or embedding.dtype
-    h = jnp.matmul(query.astype(dtype), b.astype(dtype).T)
-    return jnp.matmul(h, a.astype(dtype).T)
+def _unreachable(x: Array) -> Array:
+    raise AssertionError("an input without dropout reuses the layer's own output as the base term")
+
+
+def _attend_plan(module, weight, rank) -> _Plan:
+    def update(query, a, b):
+        return kinds.low_rank_attend(query, a, b, module.dtype or weight.dtype)
+
+    return _Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, None)
+
+
+_PLANNERS = {"dense": _dense_plan, "dense_general": _dense_general_plan, "einsum": _einsum_plan,
+             "conv": _conv_plan, "embed": _embed_plan}
 
 
 # --------------------------------------------------------------------------- re-entrancy guard

@@ -12,10 +12,11 @@ from typing import Any, Mapping
 from flax import traverse_util
 
 from .config import LoraConfig
+from .core.variants import ADAPTER_LEAVES
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
-LORA_LEAVES = ("lora_A", "lora_B")
+LORA_LEAVES = ADAPTER_LEAVES  # lora_A, lora_B and the variants' leaves (DoRA's lora_magnitude)
 NO_LORA_LEAVES = ("these params hold no lora_A/lora_B leaves: add the adapter first with "
                   "lora_jax.init_lora_params(model, base_params, rng, example_input) or model.init(...) on the "
                   "model lora_jax.lora(...) returns")
@@ -35,7 +36,7 @@ def _is_trainable(key: tuple[str, ...], module_leaves: set[str], config: LoraCon
 
 
 def trainable_mask(params: Params, config: LoraConfig) -> dict:
-    """A tree of bools shaped like ``params``: True for lora_A/lora_B, for biases per ``config.bias``,
+    """A tree of bools shaped like ``params``: True for adapter leaves (lora_A/lora_B, lora_magnitude), for biases per ``config.bias``,
     and for every leaf under a module named in ``config.modules_to_save``."""
     flat = _flat(params)
     if not any(k[-1] in LORA_LEAVES for k in flat):
@@ -76,5 +77,5 @@ def combine(*trees: Params) -> dict:
 
 
 def lora_leaves(params: Params) -> dict:
-    """The lora_A / lora_B leaves of ``params`` as a sparse tree (the low-rank part of an adapter)."""
+    """The adapter leaves of ``params`` (lora_A / lora_B, and DoRA's lora_magnitude) as a sparse tree."""
     return traverse_util.unflatten_dict({k: v for k, v in _flat(params).items() if k[-1] in LORA_LEAVES})

@@ -1,6 +1,8 @@
 """merge / unmerge: fold a LoRA update into the base weights and back, as pure functions.
 
-Both are jittable with the config static: ``jax.jit(merge, static_argnums=1)``.
+Both are jittable with the config static: ``jax.jit(merge, static_argnums=1)``. Boxed leaves
+(``nn.Partitioned`` and other flax axis metadata) are unboxed for the arithmetic and the result is
+boxed again with the weight's own names, so a sharded model merges into a sharded model.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 from flax import traverse_util
+from flax.core import meta
 
 from .config import LoraConfig
-from .layers import weight_delta
-from .masking import LORA_LEAVES, NO_LORA_LEAVES
+from .core.kinds import delta
+from .core.variants import ADAPTER_LEAVES
+from .masking import NO_LORA_LEAVES
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -32,14 +36,36 @@ def base_leaf_key(flat: dict, module: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _scaled_delta(a, b, weight, config: LoraConfig):
-    delta = weight_delta(a.astype(jnp.float32), b.astype(jnp.float32), weight.shape)
-    return config.scale_for(a.shape[-1]) * delta  # the layer's own rank (rank_pattern)
+    update = delta(a.astype(jnp.float32), b.astype(jnp.float32), weight.shape)
+    return config.scale_for(a.shape[-1]) * update  # the layer's own rank (rank_pattern)
+
+
+def _variant_leaves(flat: dict, module: tuple[str, ...], config: LoraConfig, pop: bool) -> dict:
+    """The variant's extra leaves at ``module`` (e.g. DoRA's lora_magnitude); an error names a missing one."""
+    out = {}
+    for leaf in config.variant.leaves:
+        if module + (leaf,) not in flat:
+            raise ValueError(f"layer '{path_str(module)}' has no {leaf}, which the config's '{config.variant.name}' "
+                             f"variant needs: set use_dora to match the adapter")
+        out[leaf] = flat.pop(module + (leaf,)) if pop else flat[module + (leaf,)]
+    return out
+
+
+def _rebox(original: Any, value: Any) -> Any:
+    """``value`` in ``original``'s box (same names and metadata), or bare if ``original`` was bare."""
+    return original.replace_boxed(value) if isinstance(original, meta.AxisMetadata) else value
 
 
 def merge(params: Params, config: LoraConfig) -> dict:
-    """W' = W + scale · A·B for every adapted layer, LoRA leaves removed.
+    """W' = W + scale · A·B for every adapted layer (DoRA: ``m / ||W + scale·A·B|| · (W + scale·A·B)``),
+    adapter leaves removed.
 
     The result is a param tree the *untransformed* model accepts, so inference costs nothing extra.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"fc": {"kernel": jnp.zeros((3, 2)), "lora_A": jnp.ones((3, 1)), "lora_B": jnp.ones((1, 2))}}
+    >>> merge(params, LoraConfig(rank=1, alpha=2.0, targets=("fc",)))["fc"]["kernel"].tolist()
+    [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
     """
     flat = traverse_util.flatten_dict(dict(params))
     modules = _modules_with_lora(flat)
@@ -47,9 +73,11 @@ def merge(params: Params, config: LoraConfig) -> dict:
         raise ValueError(f"merge: {NO_LORA_LEAVES} (already merged params need no merge)")
     for module in modules:
         key = base_leaf_key(flat, module)
-        a, b = flat.pop(module + ("lora_A",)), flat.pop(module + ("lora_B",))
-        w = flat[key]
-        flat[key] = (w.astype(jnp.float32) + _scaled_delta(a, b, w, config)).astype(w.dtype)
+        a, b = meta.unbox(flat.pop(module + ("lora_A",))), meta.unbox(flat.pop(module + ("lora_B",)))
+        leaves = meta.unbox(_variant_leaves(flat, module, config, pop=True))
+        w = meta.unbox(flat[key])
+        merged = config.variant.merge(w.astype(jnp.float32), _scaled_delta(a, b, w, config), leaves).astype(w.dtype)
+        flat[key] = _rebox(flat[key], merged)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -60,7 +88,7 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
     used (other trained leaves, e.g. a head, are already in ``params`` and stay as they are).
     """
     flat = traverse_util.flatten_dict(dict(params))
-    flat_adapter = {k: v for k, v in traverse_util.flatten_dict(dict(adapter)).items() if k[-1] in LORA_LEAVES}
+    flat_adapter = {k: v for k, v in traverse_util.flatten_dict(dict(adapter)).items() if k[-1] in ADAPTER_LEAVES}
     modules = _modules_with_lora(flat_adapter)
     if not modules:
         raise ValueError("unmerge: the adapter holds no lora_A/lora_B leaves to subtract")
@@ -68,8 +96,11 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
         if module + ("lora_A",) in flat:
             raise ValueError(f"module '{path_str(module)}' already holds LoRA leaves: these params are not merged")
         key = base_leaf_key(flat, module)
-        a, b = flat_adapter[module + ("lora_A",)], flat_adapter[module + ("lora_B",)]
-        w = flat[key]
-        flat[key] = (w.astype(jnp.float32) - _scaled_delta(a, b, w, config)).astype(w.dtype)
-        flat[module + ("lora_A",)], flat[module + ("lora_B",)] = a, b
+        boxed_a, boxed_b = flat_adapter[module + ("lora_A",)], flat_adapter[module + ("lora_B",)]
+        boxed_leaves = _variant_leaves(flat_adapter, module, config, pop=False)
+        a, b, leaves, w = meta.unbox(boxed_a), meta.unbox(boxed_b), meta.unbox(boxed_leaves), meta.unbox(flat[key])
+        restored = config.variant.unmerge(w.astype(jnp.float32), _scaled_delta(a, b, w, config), leaves).astype(w.dtype)
+        flat[key] = _rebox(flat[key], restored)
+        flat[module + ("lora_A",)], flat[module + ("lora_B",)] = boxed_a, boxed_b
+        flat.update({module + (leaf,): value for leaf, value in boxed_leaves.items()})
     return traverse_util.unflatten_dict(flat)

@@ -4,7 +4,9 @@ Layout of a PEFT folder: ``adapter_config.json`` and ``adapter_model.safetensors
 ``base_model.model.<torch module path>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r);
 embeddings use ``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (features, r); convs
 ``lora_A.weight`` (r, in, kh, kw) / ``lora_B.weight`` (out, r, 1, 1); modules_to_save leaves are
-stored under their plain names. Our module paths are the torch paths with '/' for '.'.
+stored under their plain names; DoRA's magnitude is ``lora_magnitude_vector`` (out,) for Linear and
+Embedding, (1, out, 1, 1) for Conv2d (ours keeps the kernel's rank: (1, out), (1, 1, 1, out)). Our
+module paths are the torch paths with '/' for '.'.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .targets import REGEX_PREFIX
 
 Params = Mapping[str, Any]
 PREFIX = "base_model.model."
-_UNSUPPORTED_FLAGS = ("use_dora", "use_qalora", "use_bdlora", "lora_bias", "fan_in_fan_out")
+_UNSUPPORTED_FLAGS = ("use_qalora", "use_bdlora", "lora_bias", "fan_in_fan_out")
 
 
 def _module_name(module: tuple[str, ...]) -> str:
@@ -87,6 +89,9 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
             suffix = ("lora_embedding_A", "lora_embedding_B") if _kind(flat, module, a) == "embed" else \
                 ("lora_A.weight", "lora_B.weight")
             tensors[f"{name}.{suffix[0]}"], tensors[f"{name}.{suffix[1]}"] = _torch_layout(a), _torch_layout(b)
+        elif leaf == "lora_magnitude":
+            n_out = value.shape[-1]
+            tensors[f"{name}.lora_magnitude_vector"] = value.reshape((1, n_out, 1, 1) if value.ndim == 4 else (n_out,))
         elif leaf != "lora_B":
             torch_leaf, converted = _to_torch(leaf, value)
             tensors[f"{name}.{torch_leaf}"] = converted
@@ -94,7 +99,7 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
     adapter_config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none",
-        "use_rslora": config.rslora, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_rslora": config.rslora, "use_dora": config.use_dora, "fan_in_fan_out": False, "init_lora_weights": True,
         "inference_mode": True,
         "target_modules": [t.replace("/", ".") for t in config.targets] if plain else sorted(ranks),
         "modules_to_save": [m.replace("/", ".") for m in config.modules_to_save] or None,
@@ -145,7 +150,7 @@ def _config_from_peft(data: dict, path: Path) -> LoraConfig:
         return LoraConfig(rank=data["r"], alpha=data["lora_alpha"], targets=targets, exclude=exclude,
                           dropout=data.get("lora_dropout") or 0.0, rslora=bool(data.get("use_rslora")),
                           bias=data.get("bias", "none"), modules_to_save=saved,
-                          rank_pattern=data.get("rank_pattern") or {})
+                          rank_pattern=data.get("rank_pattern") or {}, use_dora=bool(data.get("use_dora")))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err} (PEFT names: r, lora_alpha, lora_dropout, target_modules, rank_pattern)") \
             from None
@@ -190,6 +195,9 @@ def import_peft(directory: str | Path, base_params: Params | None = None) -> Ada
             out[tuple(parts[:-2]) + (parts[-2],)] = _our_layout(value)
         elif parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
             out[tuple(parts[:-1]) + ("lora_" + parts[-1][-1],)] = _our_layout(value)
+        elif parts[-1] == "lora_magnitude_vector":
+            n_out = value.shape[1] if value.ndim == 4 else value.shape[-1]
+            out[tuple(parts[:-1]) + ("lora_magnitude",)] = value.reshape((1, 1, 1, n_out) if value.ndim == 4 else (1, n_out))
         else:
             module = tuple(parts[:-1])
             leaf = _our_leaf(module, parts[-1], value, flat_base)

@@ -5,6 +5,11 @@ takes the gradient with respect to the trainable part alone and keeps optimizer 
 part only: XLA never forms the weight gradients of frozen kernels, and frozen leaves come back as
 the very same arrays. The trainable part and optimizer state are donated.
 
+On a mesh, ``TrainState.create(..., shardings=...)`` places every leaf once (params by the given
+shardings, optimizer moments like the params they follow, step counter and rng replicated), and the
+step returns each leaf with the sharding it came in with: the adapter's layout is stable across
+steps and the step compiles once.
+
 Every step reports ``finite`` (loss and gradient norm are finite) in its metrics, so divergence is
 one cheap flag to check; ``skip_nonfinite=True`` additionally leaves the state unchanged on such a
 step (the step counter still advances).
@@ -19,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct, traverse_util
+from flax.core import meta
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .masking import combine, partition
 from .targets import path_str
@@ -63,18 +70,83 @@ class TrainState:
         return combine(self.trainable, self.frozen)
 
     @classmethod
-    def create(cls, params: Params, mask: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+    def create(cls, params: Params, mask: Params, optimizer: optax.GradientTransformation, rng: jax.Array, *,
+               shardings: Params | Sharding | None = None) -> "TrainState":
         """Split ``params`` by ``mask`` once; optimizer state is initialised on the trainable part only.
 
         The trainable leaves are copied once here: the step donates them, and the caller's own
         ``params`` (say, a pretrained tree reused for several runs) must stay valid. Frozen leaves
-        are shared, never copied.
+        are shared, never copied. Boxed params (``nn.Partitioned``) are unboxed.
+
+        Args:
+          shardings: where the state lives on a mesh: one ``jax.sharding.Sharding`` for every leaf, or a
+            tree like ``params`` of them (e.g. ``jax.tree.map(lambda s: NamedSharding(mesh, s),
+            nn.get_partition_spec(params))``). Optimizer moments take the sharding of the param they
+            follow; the step counter, the rng and scalars are replicated. None: jax's default placement.
+
+        Example::
+
+            mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+            specs = nn.get_partition_spec(boxed_params)            # LoRA factors inherit their kernel's names
+            shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+            state = TrainState.create(nn.unbox(boxed_params), mask, tx, rng, shardings=shardings)
         """
+        params = meta.unbox(params)
         check_mask(params, mask)
         trainable, frozen = partition(params, mask)
         trainable = jax.tree.map(jnp.copy, trainable)
-        return cls(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                   opt_state=optimizer.init(trainable), rng=rng)
+        step = jnp.zeros((), jnp.int32)
+        if shardings is None:
+            return cls(step=step, trainable=trainable, frozen=frozen, opt_state=optimizer.init(trainable), rng=rng)
+        per_leaf = _per_leaf_shardings(params, shardings)
+        train_sh, frozen_sh = partition(per_leaf, mask)
+        trainable, frozen = jax.device_put(trainable, train_sh), jax.device_put(frozen, frozen_sh)
+        replicated = _replicated_like(jax.tree.leaves(per_leaf)[0])
+        opt_sh = _optimizer_shardings(optimizer, trainable, train_sh, replicated)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
+        return cls(step=jax.device_put(step, replicated), trainable=trainable, frozen=frozen, opt_state=opt_state,
+                   rng=jax.device_put(rng, replicated))
+
+
+def _per_leaf_shardings(params: Params, shardings: Params | Sharding) -> dict:
+    if isinstance(shardings, Sharding):
+        return jax.tree.map(lambda _: shardings, dict(params))
+    flat, flat_sh = traverse_util.flatten_dict(dict(params)), traverse_util.flatten_dict(dict(shardings))
+    missing = sorted(path_str(k) for k in flat.keys() - flat_sh.keys())[:5]
+    if missing:
+        raise ValueError(f"shardings has no entry for params {missing}: give a tree like the params (LoRA leaves "
+                         f"included, e.g. from nn.get_partition_spec of the initialised LoRA model) or one Sharding")
+    bad = [path_str(k) for k, v in flat_sh.items() if k in flat and not isinstance(v, Sharding)][:5]
+    if bad:
+        raise ValueError(f"shardings at {bad} are not jax.sharding.Sharding objects (a PartitionSpec needs a mesh: "
+                         f"NamedSharding(mesh, spec))")
+    return traverse_util.unflatten_dict({k: flat_sh[k] for k in flat})
+
+
+def _replicated_like(sharding: Sharding) -> Sharding:
+    """The fully replicated sharding over the devices of ``sharding``."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+    return NamedSharding(jax.sharding.Mesh(devices, ("devices",)), PartitionSpec())
+
+
+def _optimizer_shardings(optimizer, trainable: dict, train_sh: dict, replicated: Sharding):
+    """Each optimizer-state leaf gets the sharding of the trainable leaf whose path it ends with and
+    whose shape it has (Adam's mu / nu), else replicated (counts, scalars)."""
+    by_path = {tuple(str(getattr(k, "key", k)) for k in path): (np.shape(v), sh) for (path, v), sh in zip(
+        jax.tree_util.tree_flatten_with_path(trainable)[0], jax.tree.leaves(train_sh))}
+    shapes = jax.eval_shape(optimizer.init, trainable)
+
+    def pick(path, leaf):
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        for start in range(len(names)):
+            hit = by_path.get(names[start:])
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, shapes)
 
 
 class TrainStep:
@@ -85,12 +157,16 @@ class TrainStep:
     """
 
     def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, mask: Params, *,
-                 has_aux: bool = False, donate: bool = True, skip_nonfinite: bool = False):
+                 has_aux: bool = False, donate: bool = True, skip_nonfinite: bool = False,
+                 batch_sharding: Sharding | None = None):
         check_mask(None, mask)
         self.mask = mask
         flat_mask = traverse_util.flatten_dict(dict(mask))
         self._trainable_keys = frozenset(k for k, v in flat_mask.items() if v)
-        self._jitted = jax.jit(self._step, donate_argnums=(0,) if donate else ())
+        self._donate = (0,) if donate else ()
+        self._jitted = jax.jit(self._step, donate_argnums=self._donate)
+        self._on_mesh: dict[Any, Any] = {}  # the step jitted with fixed output shardings, per state layout
+        self._batch_sharding = batch_sharding
         self._loss_fn, self._optimizer, self._has_aux = loss_fn, optimizer, has_aux
         self._skip_nonfinite = skip_nonfinite
 
@@ -123,38 +199,38 @@ class TrainStep:
                              f"trainable only in the state {only_state}, only in the step's mask {only_step}; "
                              f"build both from the same lora_jax.trainable_mask(...)")
 
+    def _for_state(self, dynamic: Any):
+        """The jitted step for this state's placement: on more than one device, outputs are pinned to
+        the inputs' shardings, so the next step sees the same layout and does not compile again."""
+        shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(dynamic)]
+        if not any(s is not None and len(s.device_set) > 1 for s in shardings):
+            return self._jitted
+        key = (jax.tree.structure(dynamic), tuple(shardings))
+        if key not in self._on_mesh:
+            out = jax.tree.unflatten(jax.tree.structure(dynamic), shardings)
+            self._on_mesh[key] = jax.jit(self._step, donate_argnums=self._donate, out_shardings=(out, None))
+        return self._on_mesh[key]
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         self._check_state(state)
         dynamic = (state.step, state.trainable, state.opt_state, state.rng)
-        (step, trainable, opt_state, rng), metrics = self._jitted(dynamic, state.frozen, batch)
+        if self._batch_sharding is not None:
+            batch = jax.device_put(batch, self._batch_sharding)
+        (step, trainable, opt_state, rng), metrics = self._for_state(dynamic)(dynamic, state.frozen, batch)
         return state.replace(step=step, trainable=trainable, opt_state=opt_state, rng=rng), metrics
 
     def lower(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
         """The lowered step, e.g. for ``.compile().cost_analysis()``."""
         self._check_state(state)
-        return self._jitted.lower((state.step, state.trainable, state.opt_state, state.rng), state.frozen, batch)
-
-    def compiled_stats(self, state: TrainState, batch: Any) -> dict[str, float]:
-        """XLA's own figures for one compiled step, deterministic unlike wall time: ``flops``, and
-        ``temp_bytes`` (the activations and scratch it allocates beside its arguments) and ``argument_bytes``."""
-        compiled = self.lower(state, batch).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        memory = compiled.memory_analysis()
-        return {"flops": float(cost["flops"]), "temp_bytes": float(memory.temp_size_in_bytes),
-                "argument_bytes": float(memory.argument_size_in_bytes)}
-
-    def flops(self, state: TrainState, batch: Any) -> float:
-        """XLA's FLOP count for one compiled step."""
-        return self.compiled_stats(state, batch)["flops"]
-
-    def cache_size(self) -> int:
-        """Number of compiled variants so far (1 after any number of same-shaped calls)."""
-        return self._jitted._cache_size()
+        dynamic = (state.step, state.trainable, state.opt_state, state.rng)
+        if self._batch_sharding is not None:
+            batch = jax.device_put(batch, self._batch_sharding)
+        return self._for_state(dynamic).lower(dynamic, state.frozen, batch)
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mask: Params, *,
-                    has_aux: bool = False, donate: bool = True, skip_nonfinite: bool = False) -> TrainStep:
+                    has_aux: bool = False, donate: bool = True, skip_nonfinite: bool = False,
+                    batch_sharding: Sharding | None = None) -> TrainStep:
     """Build the jitted train step.
 
     Args:
@@ -164,6 +240,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ma
       mask: the bool tree from ``trainable_mask``; it must select at least one leaf.
       skip_nonfinite: on a step whose loss or gradient norm is not finite, keep the params and
         optimizer state as they were (``metrics['finite']`` is False either way).
+      batch_sharding: where each batch goes before the step (e.g. ``NamedSharding(mesh, P('data'))``
+        for data parallelism); None: as the caller placed it. The state's own placement comes from
+        ``TrainState.create(..., shardings=...)``.
 
     Example::
 
@@ -172,7 +251,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ma
         if not metrics["finite"]:
             raise FloatingPointError(f"loss is {metrics['loss']} at step {int(state.step)}")
     """
-    return TrainStep(loss_fn, optimizer, mask, has_aux=has_aux, donate=donate, skip_nonfinite=skip_nonfinite)
+    return TrainStep(loss_fn, optimizer, mask, has_aux=has_aux, donate=donate, skip_nonfinite=skip_nonfinite,
+                     batch_sharding=batch_sharding)
 
 
 def make_eval_step(metric_fn: Callable[[Params, Any], Any]) -> Callable[[Params, Any], Any]:

@@ -3,7 +3,8 @@
 The transformed module shares its scope with the wrapped one (``nn.share_scope``), so the param
 tree is the base tree plus ``lora_A`` / ``lora_B`` leaves inside each targeted layer. Layers are
 adapted by a method interceptor: it sees every module call, and for targeted layers returns
-``base(x) + scale * f(dropout(x); A, B)`` with the per-kind ``f`` from ``layers``. Base weights are
+``base(x) + scale * f(dropout(x); A, B)`` (or the config's variant of it, e.g. DoRA) through
+``layers.adapted_output``. Base weights are
 read, never written.
 """
 
@@ -16,7 +17,7 @@ import jax
 import flax.linen as nn
 
 from .config import LoraConfig
-from .layers import ADAPTED_METHODS, SUPPORTED, in_internal_call, layer_kind, lora_update
+from .layers import ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind
 from .targets import any_matches, matches, path_str
 
 
@@ -85,8 +86,7 @@ class LoraModule(nn.Module):
                         f"off. Add it to the transform's split_rngs, e.g. nn.scan(..., split_rngs={{'params': "
                         f"True, '{config.dropout_rng}': True}}).")
                 key = module.scope.make_rng(config.dropout_rng)
-            update = lora_update(module, kind, args, kwargs, config, path, key, method=context.method_name)
-            return out + update.astype(out.dtype)
+            return adapted_output(module, kind, args, kwargs, config, path, key, out, method=context.method_name)
 
         return interceptor
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from lora_jax.data import semeval
-from lora_jax.data.semeval import load_semeval, read_seg, read_xml
+from experiments.data import semeval
+from experiments.data.semeval import load_semeval, read_seg, read_xml
 from tests.conftest import SHARED_DATA
 
 SEMEVAL = SHARED_DATA / "semeval14"

@@ -18,7 +18,7 @@ import pytest
 
 import lora_jax
 from lora_jax import LoraConfig, checkpoint
-from lora_jax.models import MLP
+from experiments.mlp import MLP
 from tests.conftest import randomize_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +280,7 @@ CRASHING_SAVER = textwrap.dedent("""
     import os, signal, sys
     import jax, jax.numpy as jnp, optax, lora_jax
     from orbax.checkpoint._src.path import atomicity
-    from lora_jax.models import MLP
+    from experiments.mlp import MLP
     config = lora_jax.LoraConfig(rank=2, targets=("fc1",), modules_to_save=("fc2",))
     model = lora_jax.lora(MLP((16, 64)), config)
     params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]

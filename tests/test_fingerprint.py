@@ -11,7 +11,7 @@ import pytest
 import lora_jax
 from lora_jax import BaseMismatchError, LoraConfig
 from lora_jax.fingerprint import check_base_fingerprint
-from lora_jax.models import MLP
+from experiments.mlp import MLP
 from tests.conftest import randomize_lora
 
 

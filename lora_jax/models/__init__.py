@@ -1,4 +1,4 @@
-"""Models: Flax BERT / RoBERTa with Hugging Face names and weight loading, and an MLP."""
+"""Models: Flax BERT / RoBERTa with Hugging Face names and weight loading."""
 
 from .bert import (
     BertConfig,
@@ -9,7 +9,6 @@ from .bert import (
     REMAT_POLICIES,
 )
 from .hub import PACKAGED_MINILM, packaged_minilm_path, resolve_model_dir
-from .mlp import MLP
 from .pretrained import Pretrained, from_pretrained, load_weights, read_config, read_state_dict
 from .torch_pickle import load_torch_bin
 
@@ -19,7 +18,6 @@ __all__ = [
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertModel",
-    "MLP",
     "PACKAGED_MINILM",
     "REMAT_POLICIES",
     "Pretrained",

@@ -208,12 +208,10 @@ def compiled_stats(lowered: Any) -> dict[str, float]:
 
 
 def torch_available() -> bool:
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torch and peft are installed (found, not imported: importing torch takes seconds)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "peft"))
 
 
 # ----------------------------------------------------------------------------------- workers

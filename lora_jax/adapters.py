@@ -37,7 +37,16 @@ class Adapter:
 
 
 def extract_adapter(params: Params, config: LoraConfig, metadata: dict | None = None) -> Adapter:
-    """The adapter of a full LoRA param tree: its trainable partition under ``config``."""
+    """The adapter of a full LoRA param tree: its trainable partition under ``config``.
+
+    >>> import numpy as np
+    >>> params = {"fc": {"kernel": np.zeros((4, 3)), "lora_A": np.ones((4, 1)), "lora_B": np.ones((1, 3))}}
+    >>> adapter = extract_adapter(params, LoraConfig(rank=1, targets=("fc",)))
+    >>> sorted(adapter.params["fc"])
+    ['lora_A', 'lora_B']
+    >>> sorted(apply_adapter({"fc": {"kernel": np.ones((4, 3))}}, adapter)["fc"])
+    ['kernel', 'lora_A', 'lora_B']
+    """
     trainable, _ = partition(params, trainable_mask(params, config))
     return Adapter(trainable, config, dict(metadata or {}))
 

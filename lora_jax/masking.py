@@ -37,7 +37,21 @@ def _is_trainable(key: tuple[str, ...], module_leaves: set[str], config: LoraCon
 
 def trainable_mask(params: Params, config: LoraConfig) -> dict:
     """A tree of bools shaped like ``params``: True for adapter leaves (lora_A/lora_B, lora_magnitude), for biases per ``config.bias``,
-    and for every leaf under a module named in ``config.modules_to_save``."""
+    and for every leaf under a module named in ``config.modules_to_save``.
+
+    Args:
+      params: a LoRA param tree (with lora_A / lora_B leaves).
+      config: the adapter's config (bias mode, modules_to_save).
+
+    Returns:
+      A nested dict of Python bools with the structure of ``params``.
+
+    >>> import numpy as np
+    >>> params = {"fc": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3), "lora_A": np.zeros((4, 1)),
+    ...                  "lora_B": np.zeros((1, 3))}, "head": {"kernel": np.zeros((3, 2))}}
+    >>> trainable_mask(params, LoraConfig(rank=1, targets=("fc",), modules_to_save=("head",)))
+    {'fc': {'kernel': False, 'bias': False, 'lora_A': True, 'lora_B': True}, 'head': {'kernel': True}}
+    """
     flat = _flat(params)
     if not any(k[-1] in LORA_LEAVES for k in flat):
         raise ValueError(NO_LORA_LEAVES)
@@ -54,7 +68,14 @@ def trainable_mask(params: Params, config: LoraConfig) -> dict:
 
 
 def partition(params: Params, mask: Params) -> tuple[dict, dict]:
-    """Split ``params`` into (trainable, frozen) sparse trees by a bool ``mask`` of the same structure."""
+    """Split ``params`` into (trainable, frozen) sparse trees by a bool ``mask`` of the same structure.
+
+    >>> trainable, frozen = partition({"fc": {"kernel": 1, "lora_A": 2}}, {"fc": {"kernel": False, "lora_A": True}})
+    >>> trainable, frozen
+    ({'fc': {'lora_A': 2}}, {'fc': {'kernel': 1}})
+    >>> combine(trainable, frozen)
+    {'fc': {'lora_A': 2, 'kernel': 1}}
+    """
     flat, flat_mask = _flat(params), _flat(mask)
     if flat.keys() != flat_mask.keys():
         extra = sorted(path_str(k) for k in flat.keys() - flat_mask.keys())[:5]
@@ -77,5 +98,9 @@ def combine(*trees: Params) -> dict:
 
 
 def lora_leaves(params: Params) -> dict:
-    """The adapter leaves of ``params`` (lora_A / lora_B, and DoRA's lora_magnitude) as a sparse tree."""
+    """The adapter leaves of ``params`` (lora_A / lora_B, and DoRA's lora_magnitude) as a sparse tree.
+
+    >>> lora_leaves({"fc": {"kernel": 1, "lora_A": 2, "lora_B": 3}})
+    {'fc': {'lora_A': 2, 'lora_B': 3}}
+    """
     return traverse_util.unflatten_dict({k: v for k, v in _flat(params).items() if k[-1] in LORA_LEAVES})

@@ -86,6 +86,13 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
 
     ``adapter`` may be a full LoRA param tree or just its trainable part; only its LoRA leaves are
     used (other trained leaves, e.g. a head, are already in ``params`` and stay as they are).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"fc": {"kernel": jnp.zeros((3, 2)), "lora_A": jnp.ones((3, 1)), "lora_B": jnp.ones((1, 2))}}
+    >>> config = LoraConfig(rank=1, alpha=2.0, targets=("fc",))
+    >>> restored = unmerge(merge(params, config), params, config)
+    >>> float(abs(restored["fc"]["kernel"]).max()), sorted(restored["fc"])
+    (0.0, ['kernel', 'lora_A', 'lora_B'])
     """
     flat = traverse_util.flatten_dict(dict(params))
     flat_adapter = {k: v for k, v in traverse_util.flatten_dict(dict(adapter)).items() if k[-1] in ADAPTER_LEAVES}

@@ -20,7 +20,11 @@ ScalarOrSchedule = float | Callable[[Any], Any]
 
 
 def lora_plus_labels(params: Mapping[str, Any]) -> Any:
-    """A tree like ``params`` holding ``'lora_B'`` for lora_B leaves and ``'other'`` elsewhere."""
+    """A tree like ``params`` holding ``'lora_B'`` for lora_B leaves and ``'other'`` elsewhere.
+
+    >>> lora_plus_labels({"fc": {"kernel": 0, "lora_A": 0, "lora_B": 0}})
+    {'fc': {'kernel': 'other', 'lora_A': 'other', 'lora_B': 'lora_B'}}
+    """
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "lora_B" if getattr(path[-1], "key", None) == "lora_B" else "other", params)
 

@@ -15,7 +15,12 @@ Params = Mapping[str, Any]
 
 
 def count_parameters(params: Params, mask: Params | None = None) -> tuple[int, int]:
-    """(trainable, total) element counts; with no mask everything counts as trainable."""
+    """(trainable, total) element counts; with no mask everything counts as trainable.
+
+    >>> import numpy as np
+    >>> count_parameters({"a": np.zeros((2, 3)), "b": np.zeros(4)}, {"a": False, "b": True})
+    (4, 10)
+    """
     flat = traverse_util.flatten_dict(dict(params))
     flat_mask = traverse_util.flatten_dict(dict(mask)) if mask is not None else {k: True for k in flat}
     total = sum(int(np.prod(v.shape)) for v in flat.values())

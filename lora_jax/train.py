@@ -244,12 +244,22 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ma
         for data parallelism); None: as the caller placed it. The state's own placement comes from
         ``TrainState.create(..., shardings=...)``.
 
-    Example::
+    Returns:
+      A ``TrainStep``: ``state, metrics = step(state, batch)``.
 
-        step = make_train_step(loss_fn, optax.adamw(1e-3), mask)
-        state, metrics = step(state, batch)
-        if not metrics["finite"]:
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {int(state.step)}")
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax
+    >>> from lora_jax import LoraConfig, lora, trainable_mask
+    >>> config = LoraConfig(rank=2, targets=("layers_0",))
+    >>> model = lora(nn.Sequential([nn.Dense(8), nn.Dense(1)]), config)
+    >>> params = model.init(jax.random.key(0), jnp.ones((4, 3)))["params"]
+    >>> mask = trainable_mask(params, config)
+    >>> loss_fn = lambda p, batch, rng: jnp.mean((model.apply({"params": p}, batch["x"]) - batch["y"]) ** 2)
+    >>> tx = optax.adam(1e-2)
+    >>> state = TrainState.create(params, mask, tx, jax.random.key(1))
+    >>> step = make_train_step(loss_fn, tx, mask)
+    >>> state, metrics = step(state, {"x": jnp.ones((4, 3)), "y": jnp.zeros((4, 1))})
+    >>> int(state.step), bool(metrics["finite"]), sorted(state.trainable["layers_0"])
+    (1, True, ['lora_A', 'lora_B'])
     """
     return TrainStep(loss_fn, optimizer, mask, has_aux=has_aux, donate=donate, skip_nonfinite=skip_nonfinite,
                      batch_sharding=batch_sharding)
@@ -261,5 +271,9 @@ def make_eval_step(metric_fn: Callable[[Params, Any], Any]) -> Callable[[Params,
 
 
 def dropout_rngs(rng: jax.Array, *streams: str) -> dict[str, jax.Array]:
-    """One independent key per named rng stream, e.g. ``dropout_rngs(rng, 'dropout', 'lora_dropout')``."""
+    """One independent key per named rng stream.
+
+    >>> sorted(dropout_rngs(jax.random.key(0), "dropout", "lora_dropout"))
+    ['dropout', 'lora_dropout']
+    """
     return dict(zip(streams, jax.random.split(rng, len(streams))))

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import flax.linen as nn
+from flax import traverse_util
 
 from .config import LoraConfig
 from .layers import ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind
@@ -54,8 +55,15 @@ class LoraModule(nn.Module):
         dropout_on = self.config.dropout > 0 and self.scope.has_rng(self.config.dropout_rng)
         with nn.intercept_methods(self._interceptor(record, dropout_on)):
             out = getattr(self.base, method)(*args, **kwargs)
-        _check_targets(self.config, record)
+        # Targets are resolved when the adapter is created; a later call may use only some layers (an
+        # `encode` method), which is fine as long as the params hold an adapter at all.
+        if self.scope.is_mutable_collection("params") or not (record.targeted or self._holds_adapter()):
+            _check_targets(self.config, record)
         return out
+
+    def _holds_adapter(self) -> bool:
+        flat = traverse_util.flatten_dict(nn.meta.unbox(self.scope.variables().get("params", {})))
+        return any(key[-1] == "lora_A" for key in flat)
 
     def _interceptor(self, record: _TraceRecord, dropout_on: bool):
         config = self.config
@@ -111,6 +119,22 @@ def lora(model: nn.Module, config: LoraConfig) -> LoraModule:
     plus ``lora_A`` / ``lora_B`` beside each targeted kernel, and it computes exactly ``model``'s
     output while every ``lora_B`` is zero. LoRA dropout is active only when the
     ``config.dropout_rng`` stream is passed to ``apply`` (training); omit it for evaluation.
+
+    Args:
+      model: any linen Module (the base, untouched).
+      config: rank, alpha, targets and the rest of the adapter's settings.
+
+    Returns:
+      A ``LoraModule``: call ``init`` / ``apply`` on it as on ``model``.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> base = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    >>> model = lora(base, LoraConfig(rank=2, alpha=4, targets=("layers_0",)))
+    >>> params = model.init(jax.random.key(0), jnp.ones((5, 6)))["params"]
+    >>> jax.tree.map(jnp.shape, params["layers_0"])
+    {'bias': (8,), 'kernel': (6, 8), 'lora_A': (6, 2), 'lora_B': (2, 8)}
+    >>> model.apply({"params": params}, jnp.ones((5, 6))).shape
+    (5, 3)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lora() takes a flax.linen Module, got {type(model).__name__}")
@@ -130,6 +154,23 @@ def init_lora_params(
 
     Runs the transformed model once on example inputs ``*args`` with the base params given, so
     only the missing LoRA leaves are created; every base leaf is returned as the same array.
+
+    Args:
+      model: the ``lora(...)`` model.
+      base_params: the base model's params (e.g. pretrained).
+      rng: key for lora_A's initialiser.
+      *args, **kwargs: example inputs of the model's ``__call__`` (their values do not matter).
+
+    Returns:
+      The param tree with ``lora_A`` / ``lora_B`` added beside each targeted kernel.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> base = nn.Sequential([nn.Dense(8), nn.Dense(3)])
+    >>> base_params = base.init(jax.random.key(0), jnp.ones((1, 6)))["params"]
+    >>> model = lora(base, LoraConfig(rank=2, targets=("layers_1",)))
+    >>> params = init_lora_params(model, base_params, jax.random.key(1), jnp.ones((1, 6)))
+    >>> sorted(params["layers_1"]), params["layers_0"]["kernel"] is base_params["layers_0"]["kernel"]
+    (['bias', 'kernel', 'lora_A', 'lora_B'], True)
     """
     _, variables = model.apply(
         {"params": base_params}, *args, rngs={"params": rng}, mutable=["params"], **kwargs

@@ -2,11 +2,13 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lora_jax
 from lora_jax import LoraConfig
 from experiments.mlp import MLP
+from tests.helpers import randomize_lora
 
 
 def _params():
@@ -32,3 +34,66 @@ def test_lora_leaves_outside_the_targets_are_named():
         lora_jax.check_targets_cover(adapter, config.replace(targets=("fc1",)))
     with pytest.raises(ValueError, match=r"does not target \(\['fc1'\]"):
         lora_jax.check_targets_cover(adapter, config.replace(exclude=("fc1",)))
+
+
+def test_multiple_adapters_switch_without_recompiling():
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"))
+    model = lora_jax.lora(MLP((16, 3)), config)
+    x = jax.random.normal(jax.random.key(0), (4, 10))
+    params = model.init(jax.random.key(1), x)["params"]
+    _, base = lora_jax.partition(params, lora_jax.trainable_mask(params, config))
+    adapters = [lora_jax.extract_adapter(randomize_lora(params, seed=s), config) for s in (1, 2, 3)]
+    traces = []
+
+    def apply(p, x):  # runs in Python only while jit traces
+        traces.append(1)
+        return model.apply({"params": p}, x)
+
+    forward = jax.jit(apply)
+    outputs = [forward(lora_jax.apply_adapter(base, a), x) for a in adapters]
+    assert len(traces) == 1
+    assert float(jnp.abs(outputs[0] - outputs[1]).max()) > 1e-3
+    np.testing.assert_allclose(outputs[2], model.apply({"params": lora_jax.apply_adapter(base, adapters[2])}, x))
+
+
+def _delta(adapter, module):
+    p = adapter.params[module]
+    return adapter.config.scale_for(p["lora_A"].shape[-1]) * (p["lora_A"] @ p["lora_B"])
+
+
+def test_weighted_adapter_math():
+    x = jnp.ones((1, 10))
+    c1 = LoraConfig(rank=2, alpha=4, targets=("fc1",))
+    c2 = LoraConfig(rank=3, alpha=3, targets=("fc1",))
+    p1 = randomize_lora(lora_jax.lora(MLP((16,)), c1).init(jax.random.key(1), x)["params"], seed=1)
+    p2 = randomize_lora(lora_jax.lora(MLP((16,)), c2).init(jax.random.key(2), x)["params"], seed=2)
+    a1, a2 = lora_jax.extract_adapter(p1, c1), lora_jax.extract_adapter(p2, c2)
+    cat = lora_jax.add_weighted_adapter([a1, a2], [0.7, -0.4], "cat", base_params=p1)
+    assert cat.config.rank == 5 and cat.config.scale == 1.0
+    np.testing.assert_allclose(_delta(cat, "fc1"), 0.7 * _delta(a1, "fc1") - 0.4 * _delta(a2, "fc1"), atol=1e-6)
+
+    a3 = lora_jax.extract_adapter(randomize_lora(p1, seed=3), c1)
+    lin = lora_jax.add_weighted_adapter([a1, a3], [0.5, 2.0], "linear")
+    s1, s3 = 0.5 * c1.scale, 2.0 * c1.scale
+    A = np.sqrt(s1) * a1.params["fc1"]["lora_A"] + np.sqrt(s3) * a3.params["fc1"]["lora_A"]
+    B = np.sqrt(s1) * a1.params["fc1"]["lora_B"] + np.sqrt(s3) * a3.params["fc1"]["lora_B"]
+    np.testing.assert_allclose(_delta(lin, "fc1"), A @ B, atol=1e-6)
+    with pytest.raises(ValueError, match="'linear' needs equal ranks"):
+        lora_jax.add_weighted_adapter([a1, a2], [1.0, 1.0], "linear")
+
+
+def test_weighted_adapter_inputs_are_checked():
+    config, params = _params()
+    a = lora_jax.extract_adapter(randomize_lora(params, seed=1), config)
+    with pytest.raises(ValueError, match="one weight per adapter, got 1 adapters and 2 weights"):
+        lora_jax.add_weighted_adapter([a], [1.0, 2.0])
+    with pytest.raises(ValueError, match="combination_type must be 'linear' or 'cat'"):
+        lora_jax.add_weighted_adapter([a], [1.0], combination_type="svd")
+    with pytest.raises(ValueError, match="'cat' needs base_params"):
+        lora_jax.add_weighted_adapter([a], [1.0], combination_type="cat")
+    partial = lora_jax.Adapter({"fc1": a.params["fc1"]}, config)
+    with pytest.raises(ValueError, match="'fc2' is adapted by some adapters but not all"):
+        lora_jax.add_weighted_adapter([a, partial], [1.0, 1.0])
+    dora = lora_jax.Adapter(a.params, config.replace(use_dora=True))
+    with pytest.raises(ValueError, match=r"adapters \[1\] are DoRA adapters"):
+        lora_jax.add_weighted_adapter([a, dora], [1.0, 1.0])

@@ -19,7 +19,7 @@ import pytest
 import lora_jax
 from lora_jax import LoraConfig, checkpoint
 from experiments.mlp import MLP
-from tests.conftest import randomize_lora
+from tests.helpers import randomize_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ KILLED_ADAPTER_SAVE = textwrap.dedent("""
     import lora_jax
     from lora_jax import folder_swap
     from tests.test_checkpoint import _mlp_lora
-    from tests.conftest import randomize_lora
+    from tests.helpers import randomize_lora
     _, config, params = _mlp_lora()[:3]
     renames = []
     real = folder_swap._rename

@@ -12,7 +12,7 @@ import lora_jax
 from lora_jax import BaseMismatchError, LoraConfig
 from lora_jax.fingerprint import check_base_fingerprint
 from experiments.mlp import MLP
-from tests.conftest import randomize_lora
+from tests.helpers import randomize_lora
 
 
 @pytest.fixture

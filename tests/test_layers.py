@@ -10,7 +10,7 @@ import pytest
 
 import lora_jax
 from lora_jax import LoraConfig
-from tests.conftest import randomize_lora
+from tests.helpers import randomize_lora
 
 ALPHA, RANK = 6.0, 2
 SCALE = ALPHA / RANK

@@ -8,7 +8,7 @@ import pytest
 import lora_jax
 from lora_jax import LoraConfig
 import numpy as np
-from tests.conftest import AllKinds, TinyTransformerBlock, randomize_lora
+from tests.helpers import AllKinds, TinyTransformerBlock, randomize_lora
 
 TARGETS = ("emb", "dg_split", "dg_merge", "einsum", "conv", "fc")
 

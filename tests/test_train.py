@@ -1,4 +1,4 @@
-"""Masking and the jitted train step: only the trainable partition is differentiated and updated."""
+"""The jitted train step: only the trainable partition is differentiated and updated; sharded state."""
 
 import chex
 import jax
@@ -25,34 +25,6 @@ def _setup(config=None):
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
     return model, config, params, loss_fn, {"x": x, "y": y}
-
-
-def test_mask_marks_lora_leaves_bias_mode_and_modules_to_save():
-    _, config, params, _, _ = _setup()
-    mask = lora_jax.trainable_mask(params, config)
-    assert mask["fc1"] == {"kernel": False, "bias": False, "lora_A": True, "lora_B": True}
-    assert mask["fc3"] == {"kernel": True, "bias": True}
-    only = lora_jax.trainable_mask(params, config.replace(bias="lora_only", modules_to_save=()))
-    assert only["fc1"]["bias"] and only["fc2"]["bias"] and not only["fc3"]["bias"]
-    every = lora_jax.trainable_mask(params, config.replace(bias="all", modules_to_save=()))
-    assert every["fc3"]["bias"] and not every["fc3"]["kernel"]
-
-
-def test_modules_to_save_that_matches_nothing_is_an_error():
-    _, config, params, _, _ = _setup()
-    with pytest.raises(ValueError, match=r"modules_to_save pattern\(s\) \['classifier'\] match no module"):
-        lora_jax.trainable_mask(params, config.replace(modules_to_save=("classifier",)))
-
-
-def test_partition_combine_round_trip_and_disjointness():
-    _, config, params, _, _ = _setup()
-    trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, config))
-    assert set(trainable["fc1"]) == {"lora_A", "lora_B"} and set(frozen["fc1"]) == {"kernel", "bias"}
-    chex.assert_trees_all_equal(lora_jax.combine(trainable, frozen), params)
-    with pytest.raises(ValueError, match="present in more than one tree"):
-        lora_jax.combine(trainable, trainable)
-    with pytest.raises(ValueError, match="mask does not match params"):
-        lora_jax.partition(params, {"fc1": {"kernel": True}})
 
 
 def test_frozen_leaves_bit_identical_and_trainable_move_after_many_steps():

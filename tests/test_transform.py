@@ -10,7 +10,7 @@ import pytest
 import lora_jax
 from lora_jax import LoraConfig
 from experiments.mlp import MLP
-from tests.conftest import AllKinds, TinyTransformerBlock, randomize_lora
+from tests.helpers import AllKinds, TinyTransformerBlock, randomize_lora
 
 
 def strip_lora(params):
@@ -277,3 +277,31 @@ def test_lora_factors_are_float32_on_a_bf16_base_unless_asked_otherwise():
     assert params["fc"]["lora_A"].dtype == jnp.float32 and params["fc"]["lora_B"].dtype == jnp.float32
     half = lora_jax.lora(Net(), LoraConfig(rank=2, targets=("fc",), param_dtype="bfloat16"))
     assert half.init(jax.random.key(1), x)["params"]["fc"]["lora_A"].dtype == jnp.bfloat16
+
+
+def test_a_method_using_only_some_layers_runs_with_the_adapter():
+    """Targets are resolved when the adapter is created: `encode` touches fc1 only, fc2 is targeted too."""
+
+    class EncodeDecode(nn.Module):
+        def setup(self):
+            self.fc1, self.fc2 = nn.Dense(4), nn.Dense(3)
+
+        def encode(self, x):
+            return self.fc1(x)
+
+        def __call__(self, x):
+            return self.fc2(nn.relu(self.encode(x)))
+
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"))
+    model = lora_jax.lora(EncodeDecode(), config)
+    params = randomize_lora(model.init(jax.random.key(1), x)["params"])
+    encoded = model.apply({"params": params}, "encode", x, method=model.call_method)
+    p = params["fc1"]
+    np.testing.assert_allclose(encoded, x @ p["kernel"] + p["bias"] + 2.0 * x @ p["lora_A"] @ p["lora_B"], atol=1e-5)
+    # with no adapter in the params at all, a target that matches nothing is still named
+    bare = {"fc1": {k: v for k, v in params["fc1"].items() if not k.startswith("lora_")},
+            "fc2": {k: v for k, v in params["fc2"].items() if not k.startswith("lora_")}}
+    typo = lora_jax.lora(EncodeDecode(), LoraConfig(rank=2, targets=("fc9",)))
+    with pytest.raises(ValueError, match=r"\['fc9'\] matched no layer"):
+        typo.apply({"params": bare}, "encode", x, method=typo.call_method)

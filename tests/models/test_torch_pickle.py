@@ -16,7 +16,7 @@ from lora_jax.models import load_torch_bin
 
 torch = pytest.importorskip("torch")
 
-MODULE = Path(__file__).resolve().parents[1] / "lora_jax" / "models" / "torch_pickle.py"
+MODULE = Path(__file__).resolve().parents[2] / "lora_jax" / "models" / "torch_pickle.py"
 
 
 def real_state_dict():

@@ -1,0 +1,30 @@
+"""read_safetensors: every tensor back as written, and damaged files named with a fix."""
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from lora_jax.safetensors_io import read_safetensors
+
+
+def test_round_trip_of_several_dtypes(tmp_path):
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], dtype=np.int64),
+               "c": np.ones((0, 4), dtype=np.float16)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    read = read_safetensors(tmp_path / "m.safetensors")
+    assert read.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert read[name].dtype == value.dtype
+        np.testing.assert_array_equal(read[name], value)
+
+
+def test_truncated_garbage_and_missing_files_are_named(tmp_path):
+    save_file({"a": np.ones((64, 64), np.float32)}, str(tmp_path / "m.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 40)
+    for name in ("cut", "junk"):
+        with pytest.raises(ValueError, match=f"{name}.safetensors is not a readable safetensors file.*again"):
+            read_safetensors(tmp_path / f"{name}.safetensors")
+    with pytest.raises(FileNotFoundError, match="absent.safetensors does not exist"):
+        read_safetensors(tmp_path / "absent.safetensors")

@@ -7,16 +7,19 @@
     step = make_train_step(loss_fn, optax.adamw(1e-3), mask)
     merged = merge(params, config)                   # params for the untransformed base model
     save_adapter("adapters/task_a", params, config)  # kilobytes: only the trainable leaves
+
+    lora(nnx_model, config, rngs=nnx.Rngs(0))        # flax.nnx: in place, LoRA params are nnx.LoRAParam
 """
 
 from .adapters import Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover, extract_adapter
 from .checkpoint import CheckpointSaveError, TrainCheckpointer, load_adapter, save_adapter
 from .fingerprint import BaseMismatchError, base_fingerprint
-from . import nn
+from . import nn, nnx_transform
 from .config import LoraConfig
 from .core.dropout import dropout
 from .masking import combine, lora_leaves, partition, trainable_mask
 from .merge import merge, unmerge
+from .nnx_transform import nnx_params, nnx_trainable
 from .optim import lora_plus, lora_plus_labels
 from .peft_io import export_peft, import_peft
 from .summary import count_parameters, print_trainable_parameters, trainable_summary
@@ -57,6 +60,9 @@ __all__ = [
     "make_train_step",
     "merge",
     "nn",
+    "nnx_params",
+    "nnx_trainable",
+    "nnx_transform",
     "partition",
     "print_trainable_parameters",
     "trainable_mask",

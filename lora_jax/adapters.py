@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from .config import LoraConfig
-from .fingerprint import check_base_fingerprint
 from .core.kinds import delta
+from .fingerprint import check_base_fingerprint
 from .masking import LORA_LEAVES, partition, trainable_mask
 from .merge import base_leaf_key
+from .nnx_transform import as_param_tree
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
@@ -47,6 +48,7 @@ def extract_adapter(params: Params, config: LoraConfig, metadata: dict | None = 
     >>> sorted(apply_adapter({"fc": {"kernel": np.ones((4, 3))}}, adapter)["fc"])
     ['kernel', 'lora_A', 'lora_B']
     """
+    params = as_param_tree(params)
     trainable, _ = partition(params, trainable_mask(params, config))
     return Adapter(trainable, config, dict(metadata or {}))
 
@@ -110,6 +112,16 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
 
         params = apply_adapter(base_params, load_adapter("adapters/laptops"))
     """
+    from flax import nnx
+
+    if isinstance(base_params, nnx.Module):  # an NNX model with LoRA: the adapter is written into it in place
+        from .nnx_transform import load_nnx_params, nnx_params
+
+        merged = apply_adapter(nnx_params(base_params), adapter, strict=strict)
+        wanted = adapter.params if isinstance(adapter, Adapter) else adapter
+        keys = traverse_util.flatten_dict(dict(wanted)).keys()
+        flat = traverse_util.flatten_dict(merged)
+        return load_nnx_params(base_params, traverse_util.unflatten_dict({k: flat[k] for k in keys}))
     if isinstance(adapter, Adapter):
         adapter_params = adapter.params
     elif isinstance(adapter, Mapping):
@@ -135,6 +147,13 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     ``base_params`` to find each layer's rank axis). 'linear' (equal ranks) sums the factors:
     A = sum_i sign_i sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i, which has cross terms
     A_i B_j. The result has alpha = rank (scale 1), like PEFT's. Only LoRA leaves are combined.
+
+    >>> import numpy as np
+    >>> config = LoraConfig(rank=1, alpha=1.0, targets=("fc",))
+    >>> one = Adapter({"fc": {"lora_A": np.ones((3, 1)), "lora_B": np.ones((1, 2))}}, config)
+    >>> both = add_weighted_adapter([one, one], [0.5, 0.5], "cat", base_params={"fc": {"kernel": np.zeros((3, 2))}})
+    >>> both.params["fc"]["lora_A"].shape, both.config.rank
+    ((3, 2), 2)
     """
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")

@@ -31,6 +31,7 @@ from .config import LoraConfig
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .folder_swap import locked, recover_folder, replace_folder
 from .masking import partition, trainable_mask
+from .nnx_transform import as_param_tree
 from .targets import path_str
 from .train import TrainState
 
@@ -148,6 +149,7 @@ def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_m
         save_adapter("adapters/laptops", state.params, config, base_model="packaged:minilm")
     """
     path = Path(path).absolute()
+    params = as_param_tree(params)  # an NNX model: its params as a nested dict
     mask = trainable_mask(params, config)
     trainable, _ = partition(params, mask)
     meta = {"lora_jax_version": _version(), "base_model": base_model, **(metadata or {})}

@@ -48,6 +48,12 @@ class LoraConfig:
         The update is computed in the layer's compute dtype.
       use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a trainable ``lora_magnitude``
         per output rescales the normalised ``W + ΔW``. Dense, DenseGeneral, Conv and Embed layers.
+
+    >>> config = LoraConfig(rank=8, alpha=16, targets=("query", "value"), rank_pattern={"value": 4})
+    >>> config.scale, config.rank_for("encoder/layer/0/attention/self/value"), config.scale_for(4)
+    (2.0, 4, 4.0)
+    >>> LoraConfig.from_json(config.to_json()) == config
+    True
     """
 
     rank: int = 8

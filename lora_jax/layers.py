@@ -1,8 +1,9 @@
 """The linen front end of LoRA's per-layer math: which flax layers are adapted, and how.
 
 For a targeted layer this module reads the frozen weight from the layer's scope, creates or reads
-``lora_A`` / ``lora_B`` (and a variant's extra leaves) beside it, and asks ``core.kinds`` for the
-low-rank product and ``core.variants`` for the adapted output. All array math lives in ``core``;
+``lora_A`` / ``lora_B`` (and a variant's extra leaves) beside it, describes the call as a
+``core.forward.Plan`` (shapes and products from ``core.kinds``) and lets ``core.forward`` combine
+it with the frozen output through the config's variant. All array math lives in ``core``;
 what is here is flax: scopes, params, the layers' own attributes (axes, precision, conv geometry).
 """
 
@@ -11,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import LoraConfig
-from .core import kinds
-from .core.dropout import dropout
+from .core import forward, kinds
+from .core.forward import Plan, check_variant_supported
 from .core.init import a_initializer
 from .core.variants import ADAPTER_LEAVES
 
@@ -56,18 +57,6 @@ def base_leaf_name(kind: str) -> str:
 # --------------------------------------------------------------------------- one adapted call
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """How one call of a layer kind is adapted: its factor shapes, the low-rank product of the
-    (dropped-out) input, and the input through the frozen weight without bias (DoRA's base term)."""
-
-    shapes: kinds.FactorShapes
-    update: Callable[[Array, Array, Array], Array]  # (x, A, B) -> unscaled low-rank output
-    base_term: Callable[[Array], Array] | None  # x -> x through the weight, no bias; None: unsupported
-    uses_dropout: bool = True
-    einsum_axes: kinds.EinsumAxes | None = None
-
-
 def adapted_output(module: nn.Module, kind: str, args: tuple, kwargs: dict, config: LoraConfig, path: str,
                    dropout_key: Array | None, base_out: Array, method: str = "__call__") -> Array:
     """The output of one call of a targeted layer with its adapter: ``base_out`` (the frozen layer's
@@ -79,35 +68,21 @@ def adapted_output(module: nn.Module, kind: str, args: tuple, kwargs: dict, conf
     """
     rank = config.rank_for(path)
     scale = config.scale_for(rank)
-    variant = config.variant
     weight = nn.meta.unbox(module.scope.get_variable("params", base_leaf_name(kind)))
     x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
     plan = _attend_plan(module, weight, rank) if method == "attend" else \
         _PLANNERS[kind](module, weight, args, kwargs, rank, path)
-    if variant.leaves and (plan.base_term is None or method == "attend"):
-        raise NotImplementedError(f"LoRA variant '{variant.name}' is not supported on layer '{path}' "
-                                  f"({kind}{'.attend' if method == 'attend' else ''}); it supports Dense, "
-                                  f"DenseGeneral, Conv and Embed calls")
+    check_variant_supported(plan, config.variant, path, f"{kind}{'.attend' if method == 'attend' else ''}")
     kinds.check_rank(rank, plan.shapes.n_in, plan.shapes.n_out, path)
     a, b, extra = _adapter_params(module, config, path, plan, kind, rank, scale, weight)
-    dropped = dropout(x, config.dropout, dropout_key) if plan.uses_dropout and dropout_key is not None else x
-    update = scale * plan.update(dropped, a, b)
-    if not variant.leaves:  # plain LoRA needs neither the weight update nor the base term
-        return variant.output(base_out, update, leaves=extra, weight=weight, scaled_delta=None, base_term=None,
-                              out_ndim=plan.shapes.out_ndim)
-
-    def base_term() -> Array:
-        if dropped is x:  # the frozen layer already saw this input: reuse its output, less the bias
-            bias = module.scope.get_variable("params", "bias") if module.scope.has_variable("params", "bias") else None
-            return base_out if bias is None else base_out - nn.meta.unbox(bias).astype(base_out.dtype)
-        return plan.base_term(dropped)
-
-    scaled_delta = lambda: scale * kinds.delta(a.astype(jnp.float32), b.astype(jnp.float32), tuple(weight.shape))
-    return variant.output(base_out, update, leaves=extra, weight=weight, scaled_delta=scaled_delta,
-                          base_term=base_term, out_ndim=plan.shapes.out_ndim)
+    bias = module.scope.get_variable("params", "bias") if module.scope.has_variable("params", "bias") else None
+    return forward.adapted_output(plan, x=x, base_out=base_out, weight=weight,
+                                  bias=None if bias is None else nn.meta.unbox(bias), a=a, b=b, leaves=extra,
+                                  scale=scale, variant=config.variant, dropout_rate=config.dropout,
+                                  dropout_key=dropout_key)
 
 
-def _adapter_params(module, config, path, plan: "_Plan", kind, rank, scale, weight):
+def _adapter_params(module, config, path, plan: Plan, kind, rank, scale, weight):
     """lora_A, lora_B and the variant's leaves of this layer: read if present, created at init.
 
     When the base weight is boxed with sharding names (``nn.Partitioned`` / ``nn.LogicallyPartitioned``,
@@ -177,7 +152,7 @@ def _compute_dtype(module: nn.Module, x: Array, weight: Array) -> Any:
     return jnp.result_type(x, weight) if module.dtype is None else module.dtype
 
 
-def _dense_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+def _dense_plan(module, weight, args, kwargs, rank, path) -> Plan:
     def update(x, a, b):
         return kinds.low_rank_matmul(x, a, b, _compute_dtype(module, x, weight), module.precision)
 
@@ -185,10 +160,10 @@ def _dense_plan(module, weight, args, kwargs, rank, path) -> _Plan:
         dtype = _compute_dtype(module, x, weight)
         return jnp.matmul(x.astype(dtype), weight.astype(dtype), precision=module.precision)
 
-    return _Plan(kinds.dense_shapes(tuple(weight.shape), rank), update, base_term)
+    return Plan(kinds.dense_shapes(tuple(weight.shape), rank), update, base_term)
 
 
-def _dense_general_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+def _dense_general_plan(module, weight, args, kwargs, rank, path) -> Plan:
     if module.batch_dims:
         raise NotImplementedError(f"LoRA on nn.DenseGeneral with batch_dims is not supported (layer '{path}')")
     x = args[0] if args else kwargs["inputs"]
@@ -207,10 +182,10 @@ def _dense_general_plan(module, weight, args, kwargs, rank, path) -> _Plan:
         return jax.lax.dot_general(x.astype(dtype), weight.astype(dtype), (contract, ((), ())),
                                    precision=module.precision)
 
-    return _Plan(shapes, update, base_term)
+    return Plan(shapes, update, base_term)
 
 
-def _einsum_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+def _einsum_plan(module, weight, args, kwargs, rank, path) -> Plan:
     spec = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
     axes = kinds.parse_einsum(spec, path)
 
@@ -218,10 +193,10 @@ def _einsum_plan(module, weight, args, kwargs, rank, path) -> _Plan:
         return kinds.low_rank_einsum(x, a, b, tuple(weight.shape), axes, _compute_dtype(module, x, weight),
                                      module.precision)
 
-    return _Plan(kinds.einsum_shapes(tuple(weight.shape), axes, rank), update, None, einsum_axes=axes)
+    return Plan(kinds.einsum_shapes(tuple(weight.shape), axes, rank), update, None, einsum_axes=axes)
 
 
-def _conv_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+def _conv_plan(module, weight, args, kwargs, rank, path) -> Plan:
     if module.feature_group_count != 1 or module.mask is not None:
         raise NotImplementedError(f"LoRA on grouped or masked nn.Conv is not supported (layer '{path}')")
 
@@ -233,26 +208,23 @@ def _conv_plan(module, weight, args, kwargs, rank, path) -> _Plan:
     def update(x, a, b):
         return kinds.low_rank_conv(x, a, b, conv, module.precision)
 
-    return _Plan(kinds.conv_shapes(tuple(weight.shape), rank), update, lambda x: conv(x, weight))
+    return Plan(kinds.conv_shapes(tuple(weight.shape), rank), update, lambda x: conv(x, weight))
 
 
-def _embed_plan(module, weight, args, kwargs, rank, path) -> _Plan:
+def _embed_plan(module, weight, args, kwargs, rank, path) -> Plan:
     def update(ids, a, b):
         return kinds.low_rank_embed(ids, a, b, module.dtype or weight.dtype)
 
-    # an embedding has no bias and no LoRA dropout (ids are not features): its base term is its output
-    return _Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, _unreachable, uses_dropout=False)
+    # no LoRA dropout on ids: the base term (the looked-up rows) is the layer's own output
+    return Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, lambda ids: jnp.take(weight, ids, axis=0),
+                uses_dropout=False)
 
 
-def _unreachable(x: Array) -> Array:
-    raise AssertionError("an input without dropout reuses the layer's own output as the base term")
-
-
-def _attend_plan(module, weight, rank) -> _Plan:
+def _attend_plan(module, weight, rank) -> Plan:
     def update(query, a, b):
         return kinds.low_rank_attend(query, a, b, module.dtype or weight.dtype)
 
-    return _Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, None)
+    return Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, None)
 
 
 _PLANNERS = {"dense": _dense_plan, "dense_general": _dense_general_plan, "einsum": _einsum_plan,

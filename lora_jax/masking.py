@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from .config import LoraConfig
 from .core.variants import ADAPTER_LEAVES
+from .nnx_transform import as_param_tree
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
@@ -52,7 +53,7 @@ def trainable_mask(params: Params, config: LoraConfig) -> dict:
     >>> trainable_mask(params, LoraConfig(rank=1, targets=("fc",), modules_to_save=("head",)))
     {'fc': {'kernel': False, 'bias': False, 'lora_A': True, 'lora_B': True}, 'head': {'kernel': True}}
     """
-    flat = _flat(params)
+    flat = _flat(as_param_tree(params))
     if not any(k[-1] in LORA_LEAVES for k in flat):
         raise ValueError(NO_LORA_LEAVES)
     leaves_by_module: dict[tuple[str, ...], set[str]] = {}

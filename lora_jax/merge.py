@@ -61,12 +61,20 @@ def merge(params: Params, config: LoraConfig) -> dict:
     adapter leaves removed.
 
     The result is a param tree the *untransformed* model accepts, so inference costs nothing extra.
+    Given an NNX model, it returns a merged copy of the model whose layers are of their original
+    classes (the adapted model is left as it is).
 
     >>> import jax.numpy as jnp
     >>> params = {"fc": {"kernel": jnp.zeros((3, 2)), "lora_A": jnp.ones((3, 1)), "lora_B": jnp.ones((1, 2))}}
     >>> merge(params, LoraConfig(rank=1, alpha=2.0, targets=("fc",)))["fc"]["kernel"].tolist()
     [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
     """
+    from flax import nnx
+
+    if isinstance(params, nnx.Module):  # an NNX model: a merged copy of the original classes
+        from .nnx_transform import merge_nnx
+
+        return merge_nnx(params, config)
     flat = traverse_util.flatten_dict(dict(params))
     modules = _modules_with_lora(flat)
     if not modules:

@@ -21,8 +21,9 @@ import numpy as np
 from flax import traverse_util
 
 from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_adapter
-from .safetensors_io import read_safetensors
 from .config import LoraConfig
+from .nnx_transform import as_param_tree
+from .safetensors_io import read_safetensors
 from .targets import REGEX_PREFIX
 
 Params = Mapping[str, Any]
@@ -71,11 +72,29 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
 
     ``params`` is the full LoRA param tree (the base leaves tell layer kinds apart); its paths must
     be the torch model's module paths (true for ``lora_jax.models``). ``task_type`` e.g. 'SEQ_CLS'.
+    An NNX model with LoRA may stand for ``params``.
+
+    Args:
+      directory: the folder to write (created; its two files are replaced atomically).
+      params: the LoRA param tree (or NNX model); config: the adapter's config.
+      base_model_name_or_path: recorded in adapter_config.json for ``PeftModel.from_pretrained``.
+
+    Returns:
+      ``directory`` as a Path.
+
+    >>> import tempfile, numpy as np
+    >>> params = {"fc": {"kernel": np.zeros((4, 3), np.float32), "lora_A": np.ones((4, 2), np.float32),
+    ...                  "lora_B": np.ones((2, 3), np.float32)}}
+    >>> folder = export_peft(tempfile.mkdtemp(), params, LoraConfig(rank=2, targets=("fc",)))
+    >>> adapter = import_peft(folder)
+    >>> adapter.params["fc"]["lora_A"].shape, adapter.config.rank
+    ((4, 2), 2)
     """
     from safetensors.numpy import save_file
 
     if config.bias != "none":
         raise ValueError(f"export_peft supports bias='none' only, got bias={config.bias!r}")
+    params = as_param_tree(params)  # an NNX model: its params as a nested dict
     flat = traverse_util.flatten_dict(dict(params))  # base leaves: only their shapes are read
     adapter = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(extract_adapter(params, config).params).items()}
     tensors: dict[str, np.ndarray] = {}

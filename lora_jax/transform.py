@@ -112,8 +112,11 @@ def _check_targets(config: LoraConfig, record: _TraceRecord) -> None:
     raise ValueError(f"{problem}. Layers LoRA can adapt ({names}) in this model:\n{listing}")
 
 
-def lora(model: nn.Module, config: LoraConfig) -> LoraModule:
+def lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
     """Return ``model`` with LoRA on the layers ``config.targets`` selects.
+
+    A ``flax.nnx`` model is adapted in place and returned (it needs ``rngs=nnx.Rngs(...)`` for the
+    factors' initialiser and dropout; see ``lora_jax.nnx_transform``). What follows is the linen form.
 
     The result is a linen Module with the same call signature; its params are ``model``'s params
     plus ``lora_A`` / ``lora_B`` beside each targeted kernel, and it computes exactly ``model``'s
@@ -136,8 +139,21 @@ def lora(model: nn.Module, config: LoraConfig) -> LoraModule:
     >>> model.apply({"params": params}, jnp.ones((5, 6))).shape
     (5, 3)
     """
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"lora() takes a LoraConfig, got {type(config).__name__}")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError("lora() on an NNX model adds params in place and needs rngs=nnx.Rngs(...) for them "
+                            f"(got {type(rngs).__name__})")
+        from .nnx_transform import lora_nnx
+
+        return lora_nnx(model, config, rngs=rngs)
+    if rngs is not None:
+        raise TypeError("rngs= is for NNX models; a linen model takes its rngs at init / init_lora_params")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"lora() takes a flax.linen Module, got {type(model).__name__}")
+        raise TypeError(f"lora() takes a flax.linen Module or a flax.nnx Module, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora() takes a LoraConfig, got {type(config).__name__}")
     return LoraModule(base=model, config=config)

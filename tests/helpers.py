@@ -63,3 +63,41 @@ class AllKinds(nn.Module):
 
         feats = jnp.concatenate([s.mean((1, 2)), c.mean((1, 2))], -1)
         return Sub(name="head")(feats)
+
+
+def tiny_gpt(vocab: int = 64, dim: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
+    """A small GPT-style NNX decoder (pre-LN, causal attention, GELU MLP) whose logits reuse the token
+    embedding (tied, through ``Embed.attend``)."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1, self.ln2 = nnx.LayerNorm(dim, rngs=rngs), nnx.LayerNorm(dim, rngs=rngs)
+            self.query, self.key, self.value = (nnx.Linear(dim, dim, rngs=rngs) for _ in range(3))
+            self.out = nnx.Linear(dim, dim, rngs=rngs)
+            self.up, self.down = nnx.Linear(dim, 4 * dim, rngs=rngs), nnx.Linear(4 * dim, dim, rngs=rngs)
+
+        def __call__(self, h):
+            b, t, _ = h.shape
+            split = lambda y: y.reshape(b, t, heads, dim // heads).transpose(0, 2, 1, 3)
+            x = self.ln1(h)
+            q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+            scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(dim // heads)
+            scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e9)
+            att = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, -1), v).transpose(0, 2, 1, 3).reshape(b, t, dim)
+            h = h + self.out(att)
+            return h + self.down(jax.nn.gelu(self.up(self.ln2(h))))
+
+    class TinyGpt(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+            self.blocks = nnx.List([Block(rngs) for _ in range(layers)])
+            self.ln_f = nnx.LayerNorm(dim, rngs=rngs)
+
+        def __call__(self, ids):
+            h = self.embed(ids)
+            for block in self.blocks:
+                h = block(h)
+            return self.embed.attend(self.ln_f(h))
+
+    return TinyGpt(nnx.Rngs(seed))

@@ -1,0 +1,332 @@
+"""The Flax NNX front end: ``lora(model, config, rngs=...)`` adds LoRA to an ``nnx.Module`` in place.
+
+Each targeted layer (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``,
+``nnx.Embed`` and its ``attend``) keeps its own params and gains ``lora_A`` / ``lora_B`` (and DoRA's
+``lora_magnitude``) as ``nnx.LoRAParam`` beside its kernel, so the param paths are those of the
+linen transform (``.../query/kernel``, ``.../query/lora_A``) and adapters, merges and PEFT files
+move between the two APIs. The layer's class becomes a subclass of its own (``LoraLinear`` for
+``nnx.Linear``, still an ``nnx.Linear``) whose call adds the update through ``core.forward``;
+``merge`` returns a copy of the model with the original classes and the update folded in.
+
+LoRA dropout draws from the ``rngs`` given to ``lora`` (stream ``config.dropout_rng``, else
+``default``) while the layer's ``deterministic`` is False: ``model.eval()`` turns it off,
+``model.train()`` on.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from lora_jax import LoraConfig
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.query = nnx.Linear(6, 4, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.query(x)
+    >>> model = Net(nnx.Rngs(0))
+    >>> before = model(jnp.ones((2, 6)))
+    >>> _ = lora_nnx(model, LoraConfig(rank=2, targets=("query",)), rngs=nnx.Rngs(1))
+    >>> type(model.query).__name__, model.query.lora_A.shape, bool((model(jnp.ones((2, 6))) == before).all())
+    ('LoraLinear', (6, 2), True)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LoraConfig
+from .core import kinds
+from .core.forward import Plan, adapted_output, check_variant_supported
+from .core.init import a_initializer
+from .targets import any_matches, matches
+
+Array = jax.Array
+
+# most specific first: LinearGeneral and Linear are unrelated in nnx, LoRALinear is a Linear
+_KINDS = ((nnx.Embed, "embed"), (nnx.Conv, "conv"), (nnx.Einsum, "einsum"), (nnx.LinearGeneral, "dense_general"),
+          (nnx.Linear, "dense"))
+_BASE_OF: dict[type, type] = {}  # adapted class -> the user's layer class
+_ADAPTED: dict[type, type] = {}  # the user's layer class -> adapted class
+
+
+def nnx_layer_kind(module: Any) -> str | None:
+    """'dense' | 'dense_general' | 'einsum' | 'conv' | 'embed' for an NNX layer LoRA can adapt, else None."""
+    return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
+
+
+def is_adapted(module: Any) -> bool:
+    """Whether ``module`` is a layer ``lora`` has adapted."""
+    return type(module) in _BASE_OF
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Add LoRA to the layers of ``model`` that ``config`` targets, in place; returns ``model``.
+
+    Args:
+      model: an ``nnx.Module`` (its params, e.g. pretrained, are kept as they are).
+      config: the adapter's settings, as for linen.
+      rngs: ``nnx.Rngs`` for lora_A's initialiser (stream ``params``, else ``default``) and, while
+        training, LoRA dropout (stream ``config.dropout_rng``, else ``default``).
+    """
+    from .transform import _check_targets, _TraceRecord  # the linen front end's target report
+
+    record = _TraceRecord(hits={t: 0 for t in config.targets})
+    chosen = []
+    for path, module in nnx.iter_modules(model):
+        kind = nnx_layer_kind(module)
+        if kind is None:
+            continue
+        where = _path_str(path)
+        if is_adapted(module):
+            raise ValueError(f"layer '{where}' already has LoRA: lora() was applied to this model before; merge it "
+                             f"(lora_jax.merge) or start from the base model")
+        record.adaptable[where] = kind
+        selected = [t for t in config.targets if matches(t, where)]
+        for t in selected:
+            record.hits[t] += 1
+        if selected and not any_matches(config.exclude, where):
+            record.targeted.add(where)
+            chosen.append((where, module, kind))
+    _check_targets(config, record)
+    for where, module, kind in chosen:
+        _adapt(module, kind, where, config, rngs)
+    return model
+
+
+def _weight(module: Any, kind: str) -> Array:
+    return (module.embedding if kind == "embed" else module.kernel)[...]
+
+
+def _expected_ndim(module: Any, kind: str) -> int:
+    if kind == "dense_general":
+        return len(module.in_features) + len(module.out_features)
+    if kind == "conv":
+        return len(module.kernel_size) + 2
+    if kind == "einsum":
+        return len(module.kernel_shape)
+    return 2
+
+
+def _adapt(module: Any, kind: str, where: str, config: LoraConfig, rngs: nnx.Rngs) -> None:
+    rank = config.rank_for(where)
+    weight = _weight(module, kind)
+    if weight.ndim != _expected_ndim(module, kind):
+        raise NotImplementedError(f"layer '{where}' holds a weight of shape {tuple(weight.shape)}, stacked over "
+                                  f"{weight.ndim - _expected_ndim(module, kind)} leading axes (created under nnx.vmap / "
+                                  f"nnx.scan): LoRA on stacked NNX layers is not supported yet; exclude it or build "
+                                  f"the layers unstacked")
+    plan = _plan(module, kind, where, rank, None)
+    check_variant_supported(plan, config.variant, where, kind)
+    kinds.check_rank(rank, plan.shapes.n_in, plan.shapes.n_out, where)
+    dtype = jnp.dtype(config.param_dtype)
+    init = a_initializer(config.init, plan.shapes.fan_in, rank, lookup_table=kind == "embed")
+    a = init(rngs.params(), plan.shapes.a, dtype)
+    b = jnp.zeros(plan.shapes.b, dtype)
+    module.lora_A, module.lora_B = nnx.LoRAParam(a), nnx.LoRAParam(b)
+    for name, value in config.variant.init_leaves(weight, jnp.zeros(weight.shape, jnp.float32),
+                                                  plan.shapes.out_ndim).items():
+        setattr(module, name, nnx.LoRAParam(value.astype(dtype)))
+    module.lora_config = config.replace(rank=rank, rank_pattern=())
+    module.lora_path = where
+    module.lora_rngs = rngs if config.dropout > 0 else None
+    module.deterministic = False
+    module.__class__ = _adapted_class(type(module))
+
+
+def _adapted_class(cls: type) -> type:
+    if cls not in _ADAPTED:
+        members = {"__call__": _adapted_call, "__module__": __name__,
+                   "__doc__": f"{cls.__name__} with a LoRA adapter (added by lora_jax.lora)."}
+        if issubclass(cls, nnx.Embed):
+            members["attend"] = _adapted_attend
+        adapted = type(f"Lora{cls.__name__}", (cls,), members)
+        _ADAPTED[cls], _BASE_OF[adapted] = adapted, cls
+    return _ADAPTED[cls]
+
+
+def _adapted_call(self, *args: Any, **kwargs: Any) -> Array:
+    out = _BASE_OF[type(self)].__call__(self, *args, **kwargs)
+    return _output(self, "__call__", args, kwargs, out)
+
+
+def _adapted_attend(self, *args: Any, **kwargs: Any) -> Array:
+    out = _BASE_OF[type(self)].attend(self, *args, **kwargs)
+    return _output(self, "attend", args, kwargs, out)
+
+
+def _output(module: Any, method: str, args: tuple, kwargs: dict, out: Array) -> Array:
+    config: LoraConfig = module.lora_config
+    kind = nnx_layer_kind(module)
+    x = args[0] if args else next(iter(kwargs.values()))
+    plan = _plan(module, kind, module.lora_path, config.rank, x, method=method, kwargs=kwargs)
+    check_variant_supported(plan, config.variant, module.lora_path, f"{kind}.{method}")
+    key = None
+    if config.dropout > 0 and not module.deterministic and module.lora_rngs is not None:
+        key = getattr(module.lora_rngs, config.dropout_rng)()
+    bias = getattr(module, "bias", None)
+    leaves = {name: getattr(module, name)[...] for name in config.variant.leaves}
+    return adapted_output(plan, x=x, base_out=out, weight=_weight(module, kind),
+                          bias=None if bias is None else bias[...], a=module.lora_A[...], b=module.lora_B[...],
+                          leaves=leaves, scale=config.scale, variant=config.variant, dropout_rate=config.dropout,
+                          dropout_key=key)
+
+
+def _compute_dtype(module: Any, x: Array, weight: Array) -> Any:
+    return jnp.result_type(x, weight) if module.dtype is None else module.dtype
+
+
+def _plan(module: Any, kind: str, where: str, rank: int, x: Array | None, method: str = "__call__",
+          kwargs: dict | None = None) -> Plan:
+    """The layer's factor shapes and products; ``x`` None: shapes only (at ``lora`` time)."""
+    weight = _weight(module, kind)
+    shape = tuple(weight.shape)
+    precision = getattr(module, "precision", None)
+    if kind == "embed":
+        if method == "attend":
+            return Plan(kinds.embed_shapes(shape, rank),
+                        lambda q, a, b: kinds.low_rank_attend(q, a, b, module.dtype or weight.dtype), None)
+        return Plan(kinds.embed_shapes(shape, rank),
+                    lambda ids, a, b: kinds.low_rank_embed(ids, a, b, module.dtype or weight.dtype),
+                    lambda ids: jnp.take(weight, ids, axis=0), uses_dropout=False)
+    if kind == "dense":
+        return Plan(kinds.dense_shapes(shape, rank),
+                    lambda x, a, b: kinds.low_rank_matmul(x, a, b, _compute_dtype(module, x, weight), precision),
+                    lambda x: jnp.matmul(x.astype(_compute_dtype(module, x, weight)),
+                                         weight.astype(_compute_dtype(module, x, weight)), precision=precision))
+    if kind == "dense_general":
+        if module.batch_axis:
+            raise NotImplementedError(f"LoRA on nnx.LinearGeneral with batch_axis is not supported (layer '{where}')")
+        n_in = len(module.in_features)
+        out_shape = shape[n_in:]
+        shapes = kinds.dense_general_shapes(shape, n_in, rank)
+        if x is None:
+            return Plan(shapes, None, lambda x: x)
+        axes = tuple(ax % x.ndim for ax in (module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)))
+
+        def base_term(x):
+            dtype = _compute_dtype(module, x, weight)
+            return jax.lax.dot_general(x.astype(dtype), weight.astype(dtype), ((axes, tuple(range(n_in))), ((), ())),
+                                       precision=precision)
+
+        return Plan(shapes, lambda x, a, b: kinds.low_rank_dense_general(
+            x, a, b, axes, out_shape, _compute_dtype(module, x, weight), precision), base_term)
+    if kind == "einsum":
+        spec = (kwargs or {}).get("einsum_str") or module.einsum_str
+        axes = kinds.parse_einsum(spec, where)
+        return Plan(kinds.einsum_shapes(shape, axes, rank), lambda x, a, b: kinds.low_rank_einsum(
+            x, a, b, shape, axes, _compute_dtype(module, x, weight), precision), None, einsum_axes=axes)
+    if module.feature_group_count != 1 or module.mask is not None:
+        raise NotImplementedError(f"LoRA on grouped or masked nnx.Conv is not supported (layer '{where}')")
+
+    def conv(x, kernel):  # nnx.Conv's own code (padding modes, strides, dilation) on another kernel
+        plain = nnx.Conv(module.in_features, kernel.shape[-1], module.kernel_size, module.strides,
+                         padding=module.padding, input_dilation=module.input_dilation,
+                         kernel_dilation=module.kernel_dilation, use_bias=False, dtype=module.dtype,
+                         precision=precision, rngs=nnx.Rngs(0))
+        plain.kernel = nnx.Param(kernel)
+        return plain(x)
+
+    return Plan(kinds.conv_shapes(shape, rank), lambda x, a, b: kinds.low_rank_conv(x, a, b, conv, precision),
+                lambda x: conv(x, weight))
+
+
+# --------------------------------------------------------------------------- merge and params
+
+
+def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
+    """A copy of ``model`` with each adapted layer back in its original class, the update folded into
+    its weight (``config.variant.merge``) and the LoRA params gone; ``model`` is unchanged."""
+    del config  # each layer carries its own resolved config
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    adapted = [module for _, module in nnx.iter_modules(merged) if is_adapted(module)]
+    if not adapted:
+        raise ValueError("merge: this NNX model has no LoRA layers (lora_jax.lora(model, config, rngs=...) adds them)")
+    for module in adapted:
+        layer_config: LoraConfig = module.lora_config
+        kind = nnx_layer_kind(module)
+        weight = _weight(module, kind)
+        a, b = module.lora_A[...].astype(jnp.float32), module.lora_B[...].astype(jnp.float32)
+        scaled = layer_config.scale * kinds.delta(a, b, tuple(weight.shape))
+        leaves = {name: getattr(module, name)[...] for name in layer_config.variant.leaves}
+        new = layer_config.variant.merge(weight.astype(jnp.float32), scaled, leaves).astype(weight.dtype)
+        (module.embedding if kind == "embed" else module.kernel)[...] = new
+        for name in ("lora_A", "lora_B", *layer_config.variant.leaves, "lora_config", "lora_path", "lora_rngs",
+                     "deterministic"):
+            delattr(module, name)
+        module.__class__ = _BASE_OF[type(module)]
+    return merged
+
+
+def nnx_params(model: nnx.Module) -> dict:
+    """The model's ``nnx.Param`` leaves (LoRA params included) as a nested dict with string keys, the
+    layout of a linen param tree: what masking, adapters, checkpoints and PEFT export read.
+
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.layers = nnx.List([nnx.Linear(3, 2, rngs=rngs)])
+    >>> jax.tree.map(jnp.shape, nnx_params(Net(nnx.Rngs(0))))
+    {'layers': {'0': {'bias': (2,), 'kernel': (3, 2)}}}
+    """
+    return _string_keys(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def nnx_trainable(model: nnx.Module, config: LoraConfig) -> Any:
+    """An NNX filter for what trains under ``config``: the LoRA params, biases per ``config.bias`` and
+    every param of ``config.modules_to_save`` (the same leaves as ``trainable_mask``). Without
+    modules to save or bias training, ``nnx.LoRAParam`` alone is the same filter.
+
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx_trainable(model, config))
+        grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx_trainable(model, config)))(model)
+    """
+    from flax import traverse_util
+
+    from .masking import trainable_mask
+
+    flat = traverse_util.flatten_dict(trainable_mask(nnx_params(model), config))
+    chosen = frozenset(key for key, trains in flat.items() if trains)
+
+    def selects(path: tuple, value: Any) -> bool:
+        return isinstance(value, nnx.Param) and tuple(str(p) for p in path) in chosen
+
+    return selects
+
+
+def as_param_tree(params_or_model: Any) -> Any:
+    """An NNX model's params as a nested dict (``nnx_params``); anything else as it is."""
+    return nnx_params(params_or_model) if isinstance(params_or_model, nnx.Module) else params_or_model
+
+
+def _string_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def load_nnx_params(model: nnx.Module, params: dict) -> nnx.Module:
+    """Write ``params`` (a nested dict as ``nnx_params`` returns, e.g. an adapter) into ``model``'s
+    variables in place; every leaf must name an existing variable of the same shape."""
+    from flax import traverse_util
+
+    from .targets import path_str
+
+    by_path = {}
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Variable):
+            by_path[tuple(str(p) for p in path)] = variable
+    for key, value in traverse_util.flatten_dict(dict(params)).items():
+        variable = by_path.get(tuple(str(k) for k in key))
+        if variable is None:
+            raise ValueError(f"'{path_str(key)}' is not a variable of this NNX model (did you call "
+                             f"lora_jax.lora(model, config, rngs=...) with the adapter's config first?)")
+        if tuple(variable[...].shape) != tuple(value.shape):
+            raise ValueError(f"'{path_str(key)}' has shape {tuple(value.shape)}, the model's variable "
+                             f"{tuple(variable[...].shape)}")
+        variable[...] = jnp.asarray(value, variable[...].dtype)
+    return model
+

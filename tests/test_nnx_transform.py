@@ -1,0 +1,257 @@
+"""The NNX front end: every layer kind against the hand formula, identity at init, training with
+nnx.Optimizer(wrt=nnx.LoRAParam), merge back to the original classes, and parity with linen."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lora_jax
+from lora_jax import LoraConfig
+from tests.test_layers import ALPHA, CASES, RANK, SCALE, _dora_expected
+
+NNX_LAYERS = {
+    "dense": lambda r: nnx.Linear(6, 5, rngs=r),
+    "dense_general_split": lambda r: nnx.LinearGeneral(6, (2, 4), axis=-1, rngs=r),
+    "dense_general_merge": lambda r: nnx.LinearGeneral((2, 4), 5, axis=(-2, -1), rngs=r),
+    "einsum": lambda r: nnx.Einsum("btd,hdk->bthk", (3, 6, 5), (3, 5), rngs=r),
+    "conv": lambda r: nnx.Conv(3, 4, (3, 3), strides=2, padding="SAME", rngs=r),
+    "embed": lambda r: nnx.Embed(20, 8, rngs=r),
+    "attend": lambda r: nnx.Embed(20, 8, rngs=r),
+}
+
+
+class One(nnx.Module):
+    def __init__(self, kind, rngs):
+        self.kind, self.layer = kind, NNX_LAYERS[kind](rngs)
+
+    def __call__(self, x):
+        return self.layer.attend(x) if self.kind == "attend" else self.layer(x)
+
+
+def _randomize(model, seed=0, scale=0.3):
+    params = lora_jax.nnx_params(model)["layer"]
+    keys = iter(jax.random.split(jax.random.key(seed), 8))
+    new = {k: scale * jax.random.normal(next(keys), v.shape) for k, v in params.items() if k in ("lora_A", "lora_B")}
+    lora_jax.nnx_transform.load_nnx_params(model, {"layer": new})
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_nnx_layer_equals_hand_formula_and_base_at_init(kind, jit):
+    formula, make_input = CASES[kind]
+    x = make_input(jax.random.key(0))
+    model = One(kind, nnx.Rngs(0))
+    before = model(x)
+    lora_jax.lora(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=("layer",)), rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(model(x), before)  # B = 0: the base output bit for bit
+    _randomize(model)
+    y = np.asarray((nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x)))(model, x), np.float64)
+    x64 = np.asarray(x) if x.dtype.kind == "i" else np.asarray(x, np.float64)
+    params = {k: np.asarray(v) for k, v in lora_jax.nnx_params(model)["layer"].items()}
+    base_out, update = formula(params, x64)
+    expected = base_out + SCALE * update
+    np.testing.assert_allclose(y, expected, atol=1e-5 * max(1.0, np.abs(expected).max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense_general_split", "conv", "embed"])
+def test_nnx_dora_equals_its_definition_and_merges_exactly(kind):
+    _, make_input = CASES[kind]
+    x = make_input(jax.random.key(0))
+    model = One(kind, nnx.Rngs(0))
+    config = LoraConfig(rank=RANK, alpha=ALPHA, targets=("layer",), use_dora=True)
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    _randomize(model)
+    magnitude = model.layer.lora_magnitude
+    magnitude[...] = magnitude[...] * (1.0 + 0.5 * jax.random.uniform(jax.random.key(2), magnitude.shape))
+    params = {k: np.asarray(v) for k, v in lora_jax.nnx_params(model)["layer"].items()}
+    x64 = np.asarray(x) if x.dtype.kind == "i" else np.asarray(x, np.float64)
+    expected = _dora_expected(kind, params, x64)
+    np.testing.assert_allclose(np.asarray(model(x)), expected, atol=1e-5 * max(1.0, np.abs(expected).max()), rtol=1e-5)
+    merged = lora_jax.merge(model, config)
+    np.testing.assert_allclose(np.asarray(merged(x)), expected, atol=2e-5 * max(1.0, np.abs(expected).max()), rtol=1e-5)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1, self.fc2, self.fc3 = nnx.Linear(10, 16, rngs=rngs), nnx.Linear(16, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc3(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+
+class LinenMlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16, name="fc1")(x))
+        return nn.Dense(3, name="fc3")(nn.relu(nn.Dense(8, name="fc2")(x)))
+
+
+def test_training_with_nnx_optimizer_moves_only_lora_params_and_compiles_once():
+    model = Mlp(nnx.Rngs(0))
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"))
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    frozen_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.LoRAParam)).to_pure_dict())
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    x, y = jax.random.normal(jax.random.key(0), (32, 10)), jnp.arange(32) % 3
+    traces = []
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        traces.append(1)
+
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer, x, y)) for _ in range(5)]
+    assert len(traces) == 1 and losses[-1] < losses[0]
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Not(nnx.LoRAParam)).to_pure_dict(), frozen_before)
+    assert float(jnp.abs(model.fc1.lora_B[...]).max()) > 0
+    assert lora_jax.count_parameters(lora_jax.nnx_params(model), lora_jax.trainable_mask(model, config)) == (
+        2 * (10 + 16) + 2 * (16 + 8), 10 * 16 + 16 + 16 * 8 + 8 + 8 * 3 + 3 + 2 * (10 + 16) + 2 * (16 + 8))
+
+
+def test_merge_gives_the_original_classes_and_leaves_the_model_adapted():
+    model = Mlp(nnx.Rngs(0))
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"))
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": 0.3 * jnp.ones((2, 16))}})
+    x = jax.random.normal(jax.random.key(0), (4, 10))
+    merged = lora_jax.merge(model, config)
+    assert type(merged.fc1) is nnx.Linear and not hasattr(merged.fc1, "lora_A")
+    assert type(model.fc1).__name__ == "LoraLinear" and isinstance(model.fc1, nnx.Linear)
+    np.testing.assert_allclose(merged(x), model(x), atol=1e-5)
+    assert not nnx.state(merged, nnx.LoRAParam).to_pure_dict()
+
+
+def test_nnx_and_linen_agree_on_the_same_weights_and_write_the_same_peft_files(tmp_path):
+    model = Mlp(nnx.Rngs(0))
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",))
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": 0.2 * jnp.ones((2, 16))},
+                                                   "fc2": {"lora_B": -0.1 * jnp.ones((2, 8))}})
+    params = lora_jax.nnx_params(model)  # the very same leaves, as a linen param tree
+    linen_model = lora_jax.lora(LinenMlp(), config)
+    x = jax.random.normal(jax.random.key(0), (4, 10))
+    np.testing.assert_allclose(linen_model.apply({"params": params}, x), model(x), atol=1e-6)
+    np.testing.assert_allclose(LinenMlp().apply({"params": lora_jax.merge(params, config)}, x),
+                               lora_jax.merge(model, config)(x), atol=1e-6)
+    lora_jax.export_peft(tmp_path / "nnx", model, config)
+    lora_jax.export_peft(tmp_path / "linen", params, config)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "nnx" / name).read_bytes() == (tmp_path / "linen" / name).read_bytes()
+    # an adapter saved from the NNX model loads into the linen model, and back into a fresh NNX model
+    lora_jax.save_adapter(tmp_path / "adapter", model, config)
+    adapter = lora_jax.load_adapter(tmp_path / "adapter")
+    base = LinenMlp().init(jax.random.key(5), x)["params"]
+    np.testing.assert_allclose(linen_model.apply({"params": lora_jax.apply_adapter(params, adapter)}, x), model(x),
+                               atol=1e-6)
+    fresh = Mlp(nnx.Rngs(0))
+    lora_jax.lora(fresh, adapter.config, rngs=nnx.Rngs(9))
+    lora_jax.apply_adapter(fresh, adapter)
+    np.testing.assert_allclose(fresh(x), model(x), atol=1e-6)
+    assert base is not None and json.loads((tmp_path / "nnx" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_targets_that_match_nothing_list_the_nnx_layers():
+    with pytest.raises(ValueError, match=r"\['qurey'\] matched no layer") as err:
+        lora_jax.lora(Mlp(nnx.Rngs(0)), LoraConfig(rank=2, targets=("qurey",)), rngs=nnx.Rngs(1))
+    assert "fc1  (dense)" in str(err.value)
+    model = Mlp(nnx.Rngs(0))
+    lora_jax.lora(model, LoraConfig(rank=2, targets=("fc1",)), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="'fc1' already has LoRA"):
+        lora_jax.lora(model, LoraConfig(rank=2, targets=("fc1",)), rngs=nnx.Rngs(1))
+    with pytest.raises(TypeError, match="rngs=nnx.Rngs"):
+        lora_jax.lora(Mlp(nnx.Rngs(0)), LoraConfig(rank=2, targets=("fc1",)))
+
+
+def test_lora_dropout_follows_train_and_eval_modes():
+    model = Mlp(nnx.Rngs(0))
+    lora_jax.lora(model, LoraConfig(rank=2, alpha=4, targets=("fc1",), dropout=0.5), rngs=nnx.Rngs(1, lora_dropout=2))
+    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": jnp.ones((2, 16))}})
+    x = jnp.ones((3, 10))
+    first, second = model(x), model(x)
+    assert float(jnp.abs(first - second).max()) > 1e-3  # a fresh mask per call while training
+    model.eval()
+    np.testing.assert_array_equal(model(x), model(x))
+    p = model.fc1
+    hand = x @ p.kernel[...] + p.bias[...] + 2.0 * x @ p.lora_A[...] @ p.lora_B[...]
+    h = jax.nn.relu(jax.nn.relu(hand) @ model.fc2.kernel[...] + model.fc2.bias[...])
+    np.testing.assert_allclose(model(x), h @ model.fc3.kernel[...] + model.fc3.bias[...], atol=1e-5)
+
+
+def test_tied_gpt_merges_exactly_and_lora_step_skips_frozen_weight_gradients():
+    """A GPT-sized stack (hidden 384, 2 layers, batch 8 × 128): the LoRA gradient needs ≤ 0.72 of the full
+    gradient's FLOPs (XLA's count), and the tied embedding's attend carries the same update as its lookup."""
+    from tests.helpers import tiny_gpt
+
+    small = tiny_gpt()
+    config = LoraConfig(rank=4, alpha=8, targets=("embed", "query", "value"))
+    lora_jax.lora(small, config, rngs=nnx.Rngs(1))
+    lora_jax.nnx_transform.load_nnx_params(small, {"embed": {"lora_B": 0.1 * jnp.ones((4, 32))}})
+    ids = jnp.arange(24).reshape(2, 12) % 64
+    np.testing.assert_allclose(lora_jax.merge(small, config)(ids), small(ids), atol=1e-4)
+
+    def grad_flops(model, wrt):
+        def loss(m, ids):
+            logits = m(ids)
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+        graphdef, state = nnx.split(model)
+
+        def grads(state, ids):
+            return nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(nnx.merge(graphdef, state), ids)
+
+        batch = jnp.zeros((8, 128), jnp.int32)
+        cost = jax.jit(grads).lower(state, batch).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+    big = tiny_gpt(vocab=1024, dim=384, layers=2, heads=6)
+    full = grad_flops(big, nnx.Param)
+    lora_jax.lora(big, LoraConfig(rank=8, alpha=16, targets=("query", "value")), rngs=nnx.Rngs(2))
+    lora = grad_flops(big, nnx.LoRAParam)
+    print(f"NNX LoRA / full gradient FLOPs: {lora:.3e} / {full:.3e} = {lora / full:.3f}")
+    assert lora / full <= 0.72, (lora, full, lora / full)
+
+
+def test_stacked_nnx_layers_are_refused_by_name():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
+
+    class Stacked(nnx.Module):
+        def __init__(self):
+            self.layers = make(jax.random.split(jax.random.key(0), 3))
+
+    with pytest.raises(NotImplementedError, match=r"'layers' holds a weight of shape \(3, 4, 4\), stacked"):
+        lora_jax.lora(Stacked(), LoraConfig(rank=2, targets=("layers",)), rngs=nnx.Rngs(1))
+
+
+def test_modules_to_save_train_through_the_nnx_trainable_filter():
+    model = Mlp(nnx.Rngs(0))
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1",), modules_to_save=("fc3",), bias="lora_only")
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    trainable = lora_jax.nnx_trainable(model, config)
+    before = jax.tree.map(np.asarray, lora_jax.nnx_params(model))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=trainable)
+    x, y = jax.random.normal(jax.random.key(0), (16, 10)), jnp.arange(16) % 3
+
+    def loss_fn(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, trainable))(model)
+    optimizer.update(model, grads)
+    after = lora_jax.nnx_params(model)
+    moved = {f"{m}/{leaf}" for m in after for leaf in after[m]
+             if not np.array_equal(np.asarray(after[m][leaf]), before[m][leaf])}
+    # lora_B starts at zero, so lora_A's first gradient is zero; B, fc1's bias (lora_only) and all of fc3 move
+    assert moved == {"fc1/lora_B", "fc1/bias", "fc3/kernel", "fc3/bias"}, moved

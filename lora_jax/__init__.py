@@ -11,7 +11,8 @@
     lora(nnx_model, config, rngs=nnx.Rngs(0))        # flax.nnx: in place, LoRA params are nnx.LoRAParam
 """
 
-from .adapters import Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover, extract_adapter
+from .adapters import (Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover,
+                       extract_adapter, hotswap_adapter)
 from .checkpoint import CheckpointSaveError, TrainCheckpointer, load_adapter, save_adapter
 from .fingerprint import BaseMismatchError, base_fingerprint
 from . import nn, nnx_transform
@@ -19,7 +20,7 @@ from .config import LoraConfig
 from .core.dropout import dropout
 from .masking import combine, lora_leaves, partition, trainable_mask
 from .merge import merge, unmerge
-from .nnx_transform import nnx_params, nnx_trainable
+from .nnx_transform import nnx_functional, nnx_params, nnx_trainable
 from .optim import lora_plus, lora_plus_labels
 from .peft_io import export_peft, import_peft
 from .summary import count_parameters, print_trainable_parameters, trainable_summary
@@ -40,6 +41,7 @@ __all__ = [
     "check_targets_cover",
     "export_peft",
     "extract_adapter",
+    "hotswap_adapter",
     "import_peft",
     "load_adapter",
     "save_adapter",
@@ -60,6 +62,7 @@ __all__ = [
     "make_train_step",
     "merge",
     "nn",
+    "nnx_functional",
     "nnx_params",
     "nnx_trainable",
     "nnx_transform",

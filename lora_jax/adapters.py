@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -140,13 +141,23 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
 
 
 def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], combination_type: str = "linear",
-                         base_params: Params | None = None) -> Adapter:
-    """Combine adapters into one, as PEFT's ``add_weighted_adapter`` does.
+                         base_params: Params | None = None, svd_rank: int | None = None) -> Adapter:
+    """Combine adapters into one, as PEFT's ``add_weighted_adapter`` does, exactly.
 
-    'cat' is exact: each layer's update is sum_i w_i · scale_i · A_i B_i (ranks add up; needs
-    ``base_params`` to find each layer's rank axis). 'linear' (equal ranks) sums the factors:
-    A = sum_i sign_i sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i, which has cross terms
-    A_i B_j. The result has alpha = rank (scale 1), like PEFT's. Only LoRA leaves are combined.
+    Each input's layer update is ``w_i · scale_i · A_i B_i`` with that adapter's own scale for that
+    layer's rank (rsLoRA and ``rank_pattern`` included).
+
+    * ``'cat'`` is exact: the factors are concatenated along the rank (ranks add up).
+    * ``'svd'`` forms each layer's combined update and keeps its best rank-``svd_rank`` approximation
+      (default: the largest input rank); the share of the update's energy (squared singular values)
+      left out is reported per layer in ``metadata['svd_discarded_energy']``.
+    * ``'linear'`` (equal ranks) sums the factors: A = sum_i sign_i sqrt(|w_i s_i|) A_i,
+      B = sum_i sqrt(|w_i s_i|) B_i, which has cross terms A_i B_j (PEFT's 'linear').
+
+    'cat' and 'svd' need ``base_params`` (each layer's kernel layout). The result computes its
+    update with scale 1 on every layer (alpha = rank; layers of another rank get ``rank_pattern``
+    entries and their B rescaled so their scale is 1 too). DoRA adapters are refused. Only LoRA
+    leaves are combined.
 
     >>> import numpy as np
     >>> config = LoraConfig(rank=1, alpha=1.0, targets=("fc",))
@@ -161,40 +172,145 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     if dora:
         raise ValueError(f"adapters {dora} are DoRA adapters: their magnitudes do not combine linearly, so "
                          f"add_weighted_adapter takes plain LoRA adapters only")
-    if combination_type not in ("linear", "cat"):
-        raise ValueError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
+    if combination_type not in ("linear", "cat", "svd"):
+        raise ValueError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
+    if svd_rank is not None and (combination_type != "svd" or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank (a positive int) goes with combination_type='svd', got {svd_rank!r} with "
+                         f"{combination_type!r}")
     flats = [traverse_util.flatten_dict(dict(a.params)) for a in adapters]
     modules = sorted({k[:-1] for f in flats for k in f if k[-1] == "lora_A"})
     for module in modules:
         if any(module + ("lora_A",) not in f for f in flats):
             raise ValueError(f"layer '{path_str(module)}' is adapted by some adapters but not all")
-    if combination_type == "cat" and base_params is None:
-        raise ValueError("'cat' needs base_params to know each layer's kernel layout")
+    if combination_type in ("cat", "svd") and base_params is None:
+        raise ValueError(f"'{combination_type}' needs base_params to know each layer's kernel layout")
     flat_base = traverse_util.flatten_dict(dict(base_params)) if base_params is not None else {}
     out: dict[tuple[str, ...], Any] = {}
-    ranks = set()
+    discarded: dict[str, float] = {}
     for module in modules:
-        a_list = [f[module + ("lora_A",)] for f in flats]
-        b_list = [f[module + ("lora_B",)] for f in flats]
+        a_list = [jnp.asarray(f[module + ("lora_A",)], jnp.float32) for f in flats]
+        b_list = [jnp.asarray(f[module + ("lora_B",)], jnp.float32) for f in flats]
         scales = [ad.config.scale_for(a.shape[-1]) * w for ad, a, w in zip(adapters, a_list, weights)]
         if combination_type == "linear":
             if len({a.shape for a in a_list}) != 1:
                 raise ValueError(f"'linear' needs equal ranks; layer '{path_str(module)}' has "
-                                 f"{[a.shape[-1] for a in a_list]} (use 'cat')")
+                                 f"{[a.shape[-1] for a in a_list]} (use 'cat' or 'svd')")
             a_new = sum(math.copysign(math.sqrt(abs(s)), s) * a for s, a in zip(scales, a_list))
             b_new = sum(math.sqrt(abs(s)) * b for s, b in zip(scales, b_list))
-        else:
+        elif combination_type == "cat":
             weight = flat_base[base_leaf_key(flat_base, module)]
             b_axis = -1 if a_list[0].ndim == weight.ndim + 1 else -2  # broadcast (Einsum) layout keeps r last
             a_new = jnp.concatenate([s * a for s, a in zip(scales, a_list)], axis=-1)
             b_new = jnp.concatenate(b_list, axis=b_axis)
+        else:
+            weight = flat_base[base_leaf_key(flat_base, module)]
+            if a_list[0].ndim == weight.ndim + 1:
+                raise ValueError(f"'svd' works on matrix-shaped factors; layer '{path_str(module)}' is an Einsum "
+                                 f"layer (use 'cat')")
+            target = svd_rank or max(a.shape[-1] for a in a_list)
+            a_new, b_new, lost = _truncated_sum(a_list, b_list, scales, target, path_str(module))
+            discarded[path_str(module)] = lost
         out[module + ("lora_A",)], out[module + ("lora_B",)] = a_new, b_new
-        ranks.add(a_new.shape[-1])
-    if len(ranks) != 1:
-        raise ValueError(f"combined layers have different ranks {sorted(ranks)}")
-    rank = ranks.pop()
+    config = _unit_scale_config(out, modules, adapters[0].config)
+    metadata = {"combination_type": combination_type, "weights": list(map(float, weights))}
+    if discarded:
+        metadata["svd_discarded_energy"] = discarded
+    return Adapter(traverse_util.unflatten_dict(out), config, metadata)
+
+
+def _truncated_sum(a_list, b_list, scales, rank: int, where: str):
+    """The best rank-``rank`` factors of sum_i s_i A_i B_i (stacked layers: per layer), and the share of
+    squared singular values left out."""
+    lead = b_list[0].shape[:-2]
+    stack = () if all(d == 1 for d in lead) else lead  # a conv's B is (1, ..., r, out); a stacked B (L, r, out)
+    mats = [(a.reshape(stack + (-1, a.shape[-1])), b.reshape(stack + (b.shape[-2], -1))) for a, b in zip(a_list, b_list)]
+    full = sum(s * a @ b for s, (a, b) in zip(scales, mats))
+    n_in, n_out = full.shape[-2:]
+    if rank > min(n_in, n_out):
+        raise ValueError(f"svd_rank {rank} exceeds min(in, out) = min({n_in}, {n_out}) at layer '{where}'")
+    u, sv, vh = jnp.linalg.svd(full, full_matrices=False)
+    root = jnp.sqrt(sv[..., :rank])
+    a_new = (u[..., :rank] * root[..., None, :]).reshape(a_list[0].shape[:-1] + (rank,))
+    b_new = (root[..., :, None] * vh[..., :rank, :]).reshape(b_list[0].shape[:-2] + (rank, b_list[0].shape[-1]))
+    energy = jnp.sum(sv ** 2)
+    lost = float(jnp.sum(sv[..., rank:] ** 2) / energy) if float(energy) > 0 else 0.0
+    return a_new, b_new, lost
+
+
+def _unit_scale_config(out: dict, modules: list, like: LoraConfig) -> LoraConfig:
+    """A config whose scale is 1 on every combined layer: alpha = the most common rank; a layer of
+    another rank r gets a rank_pattern entry, and its B is multiplied by r / alpha (so alpha / r · A·B
+    stays the combined update)."""
+    ranks = {m: out[m + ("lora_A",)].shape[-1] for m in modules}
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    rank = max(counts, key=lambda r: (counts[r], r))
+    pattern = {}
+    for m, r in ranks.items():
+        if r != rank:
+            pattern["re:" + re.escape(path_str(m))] = r
+            out[m + ("lora_B",)] = out[m + ("lora_B",)] * (r / rank)
     targets = tuple(dict.fromkeys(path_str(m) for m in modules))
-    config = LoraConfig(rank=rank, alpha=float(rank), targets=targets, dropout=adapters[0].config.dropout,
-                        dropout_rng=adapters[0].config.dropout_rng)
-    return Adapter(traverse_util.unflatten_dict(out), config,
-                   {"combination_type": combination_type, "weights": list(map(float, weights))})
+    return LoraConfig(rank=rank, alpha=float(rank), targets=targets, dropout=like.dropout,
+                      dropout_rng=like.dropout_rng, rank_pattern=pattern)
+
+
+def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig) -> dict:
+    """``params`` (a running model's tree, compiled for ``config``) with ``adapter`` in place of its
+    adapter, every leaf keeping its shape and dtype, so jitted functions do not compile again.
+
+    A lower-rank adapter is zero-padded along the rank axis to the slots ``params`` has, and its
+    lora_B is multiplied by ``adapter_scale / config_scale`` per layer (rsLoRA and ``rank_pattern``
+    included), so ``config`` computes exactly the adapter's update; layers the adapter does not adapt
+    get a zero lora_B. Other trained leaves (a head) are replaced as they are.
+
+    >>> import numpy as np
+    >>> slots = LoraConfig(rank=4, alpha=4.0, targets=("fc",))
+    >>> params = {"fc": {"kernel": np.zeros((3, 2)), "lora_A": np.zeros((3, 4)), "lora_B": np.zeros((4, 2))}}
+    >>> small = Adapter({"fc": {"lora_A": np.ones((3, 1)), "lora_B": np.ones((1, 2))}},
+    ...                 LoraConfig(rank=1, alpha=2.0, targets=("fc",)))
+    >>> swapped = hotswap_adapter(params, small, slots)
+    >>> swapped["fc"]["lora_A"].shape, swapped["fc"]["lora_B"][:, 0].tolist()
+    ((3, 4), [2.0, 0.0, 0.0, 0.0])
+    """
+    if adapter.config.use_dora != config.use_dora:
+        raise ValueError(f"the adapter is {'a DoRA' if adapter.config.use_dora else 'a plain LoRA'} adapter and the "
+                         f"running model's config {'is' if config.use_dora else 'is not'} DoRA: they cannot swap")
+    flat = traverse_util.flatten_dict(dict(params))
+    new = traverse_util.flatten_dict(dict(adapter.params))
+    out = dict(flat)
+    for module in sorted({k[:-1] for k in flat if k[-1] == "lora_A"}):
+        slot_a, slot_b = flat[module + ("lora_A",)], flat[module + ("lora_B",)]
+        if module + ("lora_A",) not in new:
+            out[module + ("lora_B",)] = jnp.zeros_like(slot_b)
+            continue
+        a, b = jnp.asarray(new[module + ("lora_A",)]), jnp.asarray(new[module + ("lora_B",)])
+        rank, slots = a.shape[-1], slot_a.shape[-1]
+        if rank > slots:
+            raise ValueError(f"layer '{path_str(module)}': the adapter has rank {rank}, the running model {slots} slots; "
+                             f"start the model with at least the largest rank it will serve")
+        ratio = adapter.config.scale_for(rank) / config.scale_for(slots)
+        out[module + ("lora_A",)] = _pad_to(a, tuple(slot_a.shape), module, "lora_A").astype(slot_a.dtype)
+        out[module + ("lora_B",)] = _pad_to(ratio * b, tuple(slot_b.shape), module, "lora_B").astype(slot_b.dtype)
+    for key, value in new.items():
+        if key[-1] in ("lora_A", "lora_B"):
+            continue
+        if key not in flat:
+            raise ValueError(f"adapter leaf '{path_str(key)}' has no slot in the running model's params")
+        if tuple(flat[key].shape) != tuple(value.shape):
+            raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)}, its slot "
+                             f"{tuple(flat[key].shape)}")
+        out[key] = jnp.asarray(value, flat[key].dtype)
+    stray = sorted(path_str(k[:-1]) for k in new if k[-1] == "lora_A" and k not in flat)
+    if stray:
+        raise ValueError(f"the adapter adapts layers {stray[:5]} that the running model has no LoRA slots for")
+    return traverse_util.unflatten_dict(out)
+
+
+def _pad_to(value: jax.Array, shape: tuple[int, ...], module: tuple, name: str) -> jax.Array:
+    """Zero-pad ``value`` at the end of the one axis (the rank axis) where it is shorter than ``shape``."""
+    if value.ndim != len(shape) or any(v > s for v, s in zip(value.shape, shape)):
+        raise ValueError(f"{name} at '{path_str(module)}' has shape {tuple(value.shape)}, which does not fit its "
+                         f"slot {shape}")
+    return jnp.pad(value, [(0, s - v) for v, s in zip(value.shape, shape)])

@@ -90,6 +90,9 @@ def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mo
         for t in selected:
             record.hits[t] += 1
         if selected and not any_matches(config.exclude, where):
+            if isinstance(module, nnx.LoRALinear):
+                raise ValueError(f"layer '{where}' is flax's nnx.LoRALinear, which carries its own LoRA (read, merged "
+                                 f"and exported as it is): exclude it from the targets")
             record.targeted.add(where)
             chosen.append((where, module, kind))
     _check_targets(config, record)
@@ -103,6 +106,7 @@ def _weight(module: Any, kind: str) -> Array:
 
 
 def _expected_ndim(module: Any, kind: str) -> int:
+    """The rank of one layer's weight (a module made under nnx.vmap holds more, stacked in front)."""
     if kind == "dense_general":
         return len(module.in_features) + len(module.out_features)
     if kind == "conv":
@@ -115,21 +119,24 @@ def _expected_ndim(module: Any, kind: str) -> int:
 def _adapt(module: Any, kind: str, where: str, config: LoraConfig, rngs: nnx.Rngs) -> None:
     rank = config.rank_for(where)
     weight = _weight(module, kind)
-    if weight.ndim != _expected_ndim(module, kind):
-        raise NotImplementedError(f"layer '{where}' holds a weight of shape {tuple(weight.shape)}, stacked over "
-                                  f"{weight.ndim - _expected_ndim(module, kind)} leading axes (created under nnx.vmap / "
-                                  f"nnx.scan): LoRA on stacked NNX layers is not supported yet; exclude it or build "
-                                  f"the layers unstacked")
-    plan = _plan(module, kind, where, rank, None)
+    n_stack = weight.ndim - _expected_ndim(module, kind)  # leading axes of layers made under nnx.vmap / scan
+    stack = tuple(weight.shape[:n_stack])
+    one_layer = weight[(0,) * n_stack]
+    plan = _plan(module, kind, where, rank, None, weight=one_layer)
     check_variant_supported(plan, config.variant, where, kind)
     kinds.check_rank(rank, plan.shapes.n_in, plan.shapes.n_out, where)
     dtype = jnp.dtype(config.param_dtype)
     init = a_initializer(config.init, plan.shapes.fan_in, rank, lookup_table=kind == "embed")
-    a = init(rngs.params(), plan.shapes.a, dtype)
-    b = jnp.zeros(plan.shapes.b, dtype)
+    a = init(rngs.params(), stack + plan.shapes.a, dtype)
+    b = jnp.zeros(stack + plan.shapes.b, dtype)
     module.lora_A, module.lora_B = nnx.LoRAParam(a), nnx.LoRAParam(b)
-    for name, value in config.variant.init_leaves(weight, jnp.zeros(weight.shape, jnp.float32),
-                                                  plan.shapes.out_ndim).items():
+
+    def extra_leaves(w: Array) -> dict:
+        return config.variant.init_leaves(w, jnp.zeros(w.shape, jnp.float32), plan.shapes.out_ndim)
+
+    for _ in range(n_stack):  # one magnitude per stacked layer
+        extra_leaves = jax.vmap(extra_leaves)
+    for name, value in extra_leaves(weight).items():
         setattr(module, name, nnx.LoRAParam(value.astype(dtype)))
     module.lora_config = config.replace(rank=rank, rank_pattern=())
     module.lora_path = where
@@ -181,9 +188,10 @@ def _compute_dtype(module: Any, x: Array, weight: Array) -> Any:
 
 
 def _plan(module: Any, kind: str, where: str, rank: int, x: Array | None, method: str = "__call__",
-          kwargs: dict | None = None) -> Plan:
-    """The layer's factor shapes and products; ``x`` None: shapes only (at ``lora`` time)."""
-    weight = _weight(module, kind)
+          kwargs: dict | None = None, weight: Array | None = None) -> Plan:
+    """The layer's factor shapes and products; ``x`` None: shapes only (at ``lora`` time, where
+    ``weight`` is one layer's weight of a stacked module)."""
+    weight = _weight(module, kind) if weight is None else weight
     shape = tuple(weight.shape)
     precision = getattr(module, "precision", None)
     if kind == "embed":
@@ -245,8 +253,14 @@ def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     adapted = [module for _, module in nnx.iter_modules(merged) if is_adapted(module)]
-    if not adapted:
+    flax_lora = [module for _, module in nnx.iter_modules(merged) if isinstance(module, nnx.LoRALinear)]
+    if not adapted and not flax_lora:
         raise ValueError("merge: this NNX model has no LoRA layers (lora_jax.lora(model, config, rngs=...) adds them)")
+    for module in flax_lora:  # flax's own LoRALinear: y = x W + b + x a b, no scale
+        delta = module.lora.lora_a[...].astype(jnp.float32) @ module.lora.lora_b[...].astype(jnp.float32)
+        module.kernel[...] = (module.kernel[...].astype(jnp.float32) + delta).astype(module.kernel[...].dtype)
+        del module.lora
+        module.__class__ = nnx.Linear
     for module in adapted:
         layer_config: LoraConfig = module.lora_config
         kind = nnx_layer_kind(module)
@@ -265,7 +279,10 @@ def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
 
 def nnx_params(model: nnx.Module) -> dict:
     """The model's ``nnx.Param`` leaves (LoRA params included) as a nested dict with string keys, the
-    layout of a linen param tree: what masking, adapters, checkpoints and PEFT export read.
+    layout of a linen param tree: what masking, adapters, checkpoints and PEFT export read. Flax's
+    own ``nnx.LoRALinear`` layers are read the same way: their ``lora/lora_a`` and ``lora/lora_b``
+    appear as ``lora_A`` / ``lora_B`` beside the kernel (they apply no scale: describe them with a
+    config whose alpha equals its rank).
 
     >>> class Net(nnx.Module):
     ...     def __init__(self, rngs):
@@ -273,7 +290,58 @@ def nnx_params(model: nnx.Module) -> dict:
     >>> jax.tree.map(jnp.shape, nnx_params(Net(nnx.Rngs(0))))
     {'layers': {'0': {'bias': (2,), 'kernel': (3, 2)}}}
     """
-    return _string_keys(nnx.state(model, nnx.Param).to_pure_dict())
+    params = _string_keys(nnx.state(model, nnx.Param).to_pure_dict())
+    for path, module in nnx.iter_modules(model):  # flax's own nnx.LoRALinear: its lora/lora_a, lora/lora_b
+        if isinstance(module, nnx.LoRALinear) and path:
+            node = params
+            for key in path:
+                node = node[str(key)]
+            flax_lora = node.pop("lora")
+            node["lora_A"], node["lora_B"] = flax_lora["lora_a"], flax_lora["lora_b"]
+    return params
+
+
+def nnx_functional(model: nnx.Module) -> tuple[Any, dict]:
+    """``(apply, params)``: the model as a pure function of a linen-shaped param tree, for
+    ``lora_jax.TrainState`` / ``make_train_step`` (or any jax transform).
+
+    ``params`` is ``nnx_params(model)``; ``apply(params, *args, rng=None, **kwargs)`` runs a copy of
+    the model whose params are ``params`` and returns its output; LoRA dropout draws from ``rng``
+    when one is given (training) and is off otherwise. The model itself is not changed.
+
+        apply, params = nnx_functional(model)
+        loss_fn = lambda p, batch, rng: loss(apply(p, batch["x"], rng=rng), batch["y"])
+        step = lora_jax.make_train_step(loss_fn, tx, lora_jax.trainable_mask(params, config))
+    """
+    from flax import traverse_util
+
+    graphdef, state = nnx.split(model)
+
+    def apply(params: dict, *args: Any, rng: Array | None = None, **kwargs: Any) -> Any:
+        flat = {tuple(str(k) for k in key): value for key, value in traverse_util.flatten_dict(dict(params)).items()}
+
+        found: set = set()
+
+        def pick(path: tuple, leaf: Any) -> Any:
+            names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            names = names[:-1] if names and names[-1] == "value" else names
+            found.add(names)
+            return flat.get(names, leaf)
+
+        copy = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(pick, state))
+        unknown = sorted("/".join(k) for k in flat.keys() - found)
+        if unknown:
+            raise ValueError(f"params {unknown[:5]} are not variables of this NNX model")
+        streams = None
+        for _, module in nnx.iter_modules(copy):
+            if is_adapted(module):
+                module.deterministic = rng is None or module.lora_rngs is None
+                if rng is not None and module.lora_rngs is not None:
+                    streams = streams or nnx.Rngs(**{module.lora_config.dropout_rng: rng})
+                    module.lora_rngs = streams  # one stream for the model: each layer draws its own key
+        return copy(*args, **kwargs)
+
+    return apply, nnx_params(model)
 
 
 def nnx_trainable(model: nnx.Module, config: LoraConfig) -> Any:

@@ -87,7 +87,9 @@ def test_weighted_adapter_inputs_are_checked():
     a = lora_jax.extract_adapter(randomize_lora(params, seed=1), config)
     with pytest.raises(ValueError, match="one weight per adapter, got 1 adapters and 2 weights"):
         lora_jax.add_weighted_adapter([a], [1.0, 2.0])
-    with pytest.raises(ValueError, match="combination_type must be 'linear' or 'cat'"):
+    with pytest.raises(ValueError, match="combination_type must be 'linear', 'cat' or 'svd'"):
+        lora_jax.add_weighted_adapter([a], [1.0], combination_type="dare")
+    with pytest.raises(ValueError, match="'svd' needs base_params"):
         lora_jax.add_weighted_adapter([a], [1.0], combination_type="svd")
     with pytest.raises(ValueError, match="'cat' needs base_params"):
         lora_jax.add_weighted_adapter([a], [1.0], combination_type="cat")
@@ -97,3 +99,87 @@ def test_weighted_adapter_inputs_are_checked():
     dora = lora_jax.Adapter(a.params, config.replace(use_dora=True))
     with pytest.raises(ValueError, match=r"adapters \[1\] are DoRA adapters"):
         lora_jax.add_weighted_adapter([a, dora], [1.0, 1.0])
+
+
+def _combination_inputs():
+    base = MLP((8, 5)).init(jax.random.key(0), jnp.ones((1, 6)))["params"]
+    configs = [LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2")),
+               LoraConfig(rank=2, alpha=3, targets=("fc1", "fc2"), rslora=True),
+               LoraConfig(rank=2, alpha=5, targets=("fc1", "fc2"), rank_pattern={"fc2": 3})]
+    adapters = []
+    for i, config in enumerate(configs):
+        params = lora_jax.lora(MLP((8, 5)), config).init(jax.random.key(1), jnp.ones((1, 6)))["params"]
+        adapters.append(lora_jax.extract_adapter(randomize_lora(params, seed=10 + i, scale=0.5), config))
+    return base, adapters, [0.7, -0.4, 1.2]
+
+
+def _update_by_hand(adapters, weights, layer):
+    """sum_i w_i · scale_i · A_i B_i with each adapter's own scale for that layer's rank."""
+    total = 0.0
+    for adapter, w in zip(adapters, weights):
+        a, b = (np.asarray(adapter.params[layer][k], np.float64) for k in ("lora_A", "lora_B"))
+        r, c = a.shape[-1], adapter.config
+        total = total + w * (c.alpha / (np.sqrt(r) if c.rslora else r)) * a @ b
+    return total
+
+
+def _update_of(adapter, base, layer):
+    merged = lora_jax.merge(lora_jax.apply_adapter(base, adapter), adapter.config)
+    return np.asarray(merged[layer]["kernel"], np.float64) - np.asarray(base[layer]["kernel"], np.float64)
+
+
+def test_cat_combination_is_exact_for_rslora_and_rank_pattern_adapters():
+    base, adapters, weights = _combination_inputs()
+    combined = lora_jax.add_weighted_adapter(adapters, weights, "cat", base_params=base)
+    assert combined.params["fc1"]["lora_A"].shape == (6, 6) and combined.params["fc2"]["lora_A"].shape == (8, 7)
+    for layer in ("fc1", "fc2"):
+        np.testing.assert_allclose(_update_of(combined, base, layer), _update_by_hand(adapters, weights, layer),
+                                   atol=1e-5)
+
+
+def test_svd_combination_keeps_the_best_low_rank_part_and_reports_what_it_drops():
+    base, adapters, weights = _combination_inputs()
+    exact = lora_jax.add_weighted_adapter(adapters, weights, "svd", base_params=base, svd_rank=5)
+    np.testing.assert_allclose(_update_of(exact, base, "fc2"), _update_by_hand(adapters, weights, "fc2"), atol=1e-5)
+    # fc2 (8 -> 5) has rank at most 5: nothing dropped; fc1 (6 -> 8) sums three rank-2 updates: rank 6 > 5
+    assert exact.metadata["svd_discarded_energy"]["fc2"] < 1e-10 < exact.metadata["svd_discarded_energy"]["fc1"]
+    low = lora_jax.add_weighted_adapter(adapters, weights, "svd", base_params=base, svd_rank=1)
+    for layer in ("fc1", "fc2"):
+        full = _update_by_hand(adapters, weights, layer)
+        u, sv, vh = np.linalg.svd(full, full_matrices=False)
+        np.testing.assert_allclose(_update_of(low, base, layer), sv[0] * np.outer(u[:, 0], vh[0]), atol=1e-5)
+        np.testing.assert_allclose(low.metadata["svd_discarded_energy"][layer], 1 - sv[0] ** 2 / np.sum(sv ** 2),
+                                   rtol=1e-4)
+    with pytest.raises(ValueError, match="svd_rank 9 exceeds min"):
+        lora_jax.add_weighted_adapter(adapters, weights, "svd", base_params=base, svd_rank=9)
+
+
+def test_hotswapping_adapters_of_other_ranks_and_scales_does_not_recompile():
+    x = jax.random.normal(jax.random.key(3), (4, 10))
+    slots = LoraConfig(rank=8, alpha=8, targets=("fc1", "fc2"), modules_to_save=("fc3",))
+    served = lora_jax.lora(MLP((16, 12, 3)), slots)
+    params = served.init(jax.random.key(0), x)["params"]
+    base = {k: {n: v for n, v in layer.items() if not n.startswith("lora_")} for k, layer in params.items()}
+    traces = []
+
+    def forward(p, x):
+        traces.append(1)
+        return served.apply({"params": p}, x)
+
+    forward = jax.jit(forward)
+    forward(params, x)
+    configs = [LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",)),
+               LoraConfig(rank=4, alpha=3, targets=("fc1", "fc2"), rslora=True, rank_pattern={"fc2": 1},
+                          modules_to_save=("fc3",)),
+               LoraConfig(rank=8, alpha=16, targets=("fc2",), modules_to_save=("fc3",))]
+    for i, config in enumerate(configs):
+        own = lora_jax.lora(MLP((16, 12, 3)), config)
+        own_params = randomize_lora(lora_jax.init_lora_params(own, base, jax.random.key(i), x), seed=i, scale=0.5)
+        own_params["fc3"]["kernel"] = own_params["fc3"]["kernel"] + 0.1 * i
+        adapter = lora_jax.extract_adapter(own_params, config)
+        swapped = lora_jax.hotswap_adapter(params, adapter, slots)
+        np.testing.assert_allclose(forward(swapped, x), own.apply({"params": own_params}, x), atol=1e-5)
+    assert len(traces) == 1
+    too_big = lora_jax.Adapter({"fc1": {"lora_A": jnp.ones((10, 9)), "lora_B": jnp.ones((9, 16))}}, configs[0])
+    with pytest.raises(ValueError, match="rank 9, the running model 8 slots"):
+        lora_jax.hotswap_adapter(params, too_big, slots)

@@ -223,7 +223,9 @@ def test_tied_gpt_merges_exactly_and_lora_step_skips_frozen_weight_gradients():
     assert lora / full <= 0.72, (lora, full, lora / full)
 
 
-def test_stacked_nnx_layers_are_refused_by_name():
+def test_stacked_layers_made_under_vmap_run_under_scan_and_merge_exactly():
+    """One adapter per stacked layer (A (L, in, r)); inside nnx.scan each step sees its own layer's factors."""
+
     @nnx.vmap(in_axes=0, out_axes=0)
     def make(key):
         return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
@@ -232,8 +234,34 @@ def test_stacked_nnx_layers_are_refused_by_name():
         def __init__(self):
             self.layers = make(jax.random.split(jax.random.key(0), 3))
 
-    with pytest.raises(NotImplementedError, match=r"'layers' holds a weight of shape \(3, 4, 4\), stacked"):
-        lora_jax.lora(Stacked(), LoraConfig(rank=2, targets=("layers",)), rngs=nnx.Rngs(1))
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(h, layer):
+                return jnp.tanh(layer(h))
+
+            return run(x, self.layers)
+
+    for use_dora in (False, True):
+        model = Stacked()
+        x = jax.random.normal(jax.random.key(1), (2, 4))
+        before = model(x)
+        config = LoraConfig(rank=2, alpha=4, targets=("layers",), use_dora=use_dora)
+        lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+        assert model.layers.lora_A.shape == (3, 4, 2) and model.layers.lora_B.shape == (3, 2, 4)
+        # B = 0; DoRA's gain m / ||W|| is 1 up to an ulp when the norm is recomputed inside the scan
+        np.testing.assert_allclose(model(x), before, atol=0 if not use_dora else 1e-6)
+        model.layers.lora_B[...] = 0.3 * jax.random.normal(jax.random.key(2), (3, 2, 4))
+        p = {k: np.asarray(v, np.float64) for k, v in lora_jax.nnx_params(model)["layers"].items()}
+        h = np.asarray(x, np.float64)
+        for i in range(3):  # by hand, layer by layer
+            adapted = p["kernel"][i] + 2.0 * p["lora_A"][i] @ p["lora_B"][i]
+            if use_dora:
+                adapted = p["lora_magnitude"][i] / np.linalg.norm(adapted, axis=0, keepdims=True) * adapted
+            h = np.tanh(h @ adapted + p["bias"][i])
+        np.testing.assert_allclose(model(x), h, atol=1e-5)
+        np.testing.assert_allclose(lora_jax.merge(model, config)(x), h, atol=1e-5)
+
+
 
 
 def test_modules_to_save_train_through_the_nnx_trainable_filter():
@@ -255,3 +283,84 @@ def test_modules_to_save_train_through_the_nnx_trainable_filter():
              if not np.array_equal(np.asarray(after[m][leaf]), before[m][leaf])}
     # lora_B starts at zero, so lora_A's first gradient is zero; B, fc1's bias (lora_only) and all of fc3 move
     assert moved == {"fc1/lora_B", "fc1/bias", "fc3/kernel", "fc3/bias"}, moved
+
+
+def test_lora_jax_train_step_on_an_nnx_model_matches_the_same_steps_on_linen():
+    """nnx_functional makes the NNX model a pure function of a linen-shaped tree: the same steps from the
+    same weights give the same params as the linen model's (and dropout, when on, draws from the step's rng)."""
+    model = Mlp(nnx.Rngs(0))
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",))
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    apply, params = lora_jax.nnx_functional(model)
+    mask = lora_jax.trainable_mask(params, config)
+    x, y = jax.random.normal(jax.random.key(0), (32, 10)), jnp.arange(32) % 3
+    linen_model, tx = lora_jax.lora(LinenMlp(), config), optax.adam(1e-2)
+
+    def run(forward):
+        loss_fn = lambda p, batch, rng: optax.softmax_cross_entropy_with_integer_labels(
+            forward(p, batch[0]), batch[1]).mean()
+        state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(3))
+        step = lora_jax.make_train_step(loss_fn, tx, mask)
+        for _ in range(3):
+            state, _ = step(state, (x, y))
+        return state.params
+
+    ours = run(lambda p, x: apply(p, x))
+    reference = run(lambda p, x: linen_model.apply({"params": p}, x))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ours, reference)
+    assert float(jnp.abs(ours["fc1"]["lora_B"]).max()) > 0
+    assert type(model.fc1).__name__ == "LoraLinear" and float(jnp.abs(model.fc1.lora_B[...]).max()) == 0.0
+
+    dropped = lora_jax.lora(Mlp(nnx.Rngs(0)), config.replace(dropout=0.5), rngs=nnx.Rngs(1))
+    apply, params = lora_jax.nnx_functional(dropped)
+    params["fc1"]["lora_B"] = jnp.ones((2, 16))
+    assert float(jnp.abs(apply(params, x, rng=jax.random.key(1)) - apply(params, x, rng=jax.random.key(2))).max()) > 1e-3
+    np.testing.assert_array_equal(apply(params, x), apply(params, x))  # no rng: dropout off
+
+
+def test_flax_own_lora_linear_is_counted_merged_and_exported(tmp_path):
+    class WithFlaxLora(nnx.Module):
+        def __init__(self, rngs):
+            self.query = nnx.LoRALinear(6, 4, lora_rank=2, rngs=rngs)
+            self.head = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.query(x))
+
+    model = WithFlaxLora(nnx.Rngs(0))
+    model.query.lora.lora_b[...] = 0.2 * jnp.ones((2, 4))
+    config = LoraConfig(rank=2, alpha=2.0, targets=("query",))  # flax's LoRA applies no scale: alpha = rank
+    assert lora_jax.count_parameters(model, lora_jax.trainable_mask(model, config))[0] == 6 * 2 + 2 * 4
+    x = jax.random.normal(jax.random.key(0), (5, 6))
+    merged = lora_jax.merge(model, config)
+    assert type(merged.query) is nnx.Linear and not hasattr(merged.query, "lora")
+    q = model.query
+    by_hand = (x @ (q.kernel[...] + q.lora.lora_a[...] @ q.lora.lora_b[...]) + q.bias[...]) @ model.head.kernel[...]
+    np.testing.assert_allclose(merged(x), by_hand + model.head.bias[...], atol=1e-5)
+    np.testing.assert_allclose(model(x), merged(x), atol=1e-5)
+    lora_jax.export_peft(tmp_path, model, config)
+    adapter = lora_jax.import_peft(tmp_path)
+    np.testing.assert_allclose(adapter.params["query"]["lora_B"], q.lora.lora_b[...])
+    with pytest.raises(ValueError, match="'query' is flax's nnx.LoRALinear"):
+        lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+
+
+def test_layers_called_under_nnx_remat_give_the_same_gradients():
+    class Block(nnx.Module):
+        def __init__(self, remat, rngs):
+            self.remat, self.fc1, self.fc2 = remat, nnx.Linear(6, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            body = lambda m, x: m.fc2(jnp.tanh(m.fc1(x)))
+            return (nnx.remat(body) if self.remat else body)(self, x)
+
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    grads = []
+    for remat in (False, True):
+        model = Block(remat, nnx.Rngs(0))
+        lora_jax.lora(model, LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2")), rngs=nnx.Rngs(1))
+        model.fc1.lora_B[...] = 0.1 * jnp.ones((2, 8))
+        grad = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        grads.append(jax.tree.map(np.asarray, grad.to_pure_dict()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
+    assert np.abs(grads[0]["fc1"]["lora_A"]).max() > 0

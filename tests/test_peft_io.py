@@ -277,3 +277,43 @@ def test_dora_gradients_match_peft(tmp_path):
             np.testing.assert_allclose(gb.reshape(gb.shape[-2:]), g["lora_B"].reshape(g["lora_B"].shape[:2]).T,
                                        rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(gm.reshape(-1), g["lora_magnitude_vector"].reshape(-1), rtol=1e-4, atol=1e-5)
+
+
+@needs_torch
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_nnx_model_matches_peft_both_ways(tmp_path, use_dora):
+    """The same Embedding / Linear / Conv2d adapters on an NNX model: PEFT's adapter imported reproduces
+    PEFT's outputs, and the NNX model's export loads in PEFT."""
+    from flax import nnx
+
+    class Kinds(nnx.Module):
+        def __init__(self, rngs):
+            self.emb, self.fc = nnx.Embed(12, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs)
+            self.conv = nnx.Conv(3, 4, (3, 3), padding=1, rngs=rngs)
+
+        def __call__(self, ids, img):
+            return self.fc(self.emb(ids)), self.conv(img)
+
+    rng = np.random.RandomState(0)
+    ids, img = rng.randint(0, 12, (2, 7)), rng.randn(2, 3, 5, 5).astype(np.float32)
+    theirs_model = _peft_kinds_model(use_dora).eval()
+    with torch.no_grad():
+        theirs = [o.numpy() for o in theirs_model(torch.tensor(ids), torch.tensor(img))]
+    theirs_model.save_pretrained(str(tmp_path / "peft"))
+    adapter = lora_jax.import_peft(tmp_path / "peft", base_params=_flax_base_params(theirs_model.get_base_model()))
+
+    model = Kinds(nnx.Rngs(0))
+    lora_jax.nnx_transform.load_nnx_params(model, _flax_base_params(theirs_model.get_base_model()))
+    lora_jax.lora(model, adapter.config, rngs=nnx.Rngs(1))
+    lora_jax.apply_adapter(model, adapter)
+    ours = model(jnp.asarray(ids), jnp.asarray(np.transpose(img, (0, 2, 3, 1))))
+    np.testing.assert_allclose(np.asarray(ours[0]), theirs[0], atol=2e-5)
+    np.testing.assert_allclose(np.transpose(np.asarray(ours[1]), (0, 3, 1, 2)), theirs[1], atol=2e-5)
+
+    lora_jax.export_peft(tmp_path / "ours", model, adapter.config)
+    reloaded = peft.PeftModel.from_pretrained(_TorchKinds(), str(tmp_path / "ours")).eval()
+    reloaded.get_base_model().load_state_dict(theirs_model.get_base_model().state_dict(), strict=False)
+    with torch.no_grad():
+        again = [o.numpy() for o in reloaded(torch.tensor(ids), torch.tensor(img))]
+    np.testing.assert_allclose(again[0], theirs[0], atol=1e-6)
+    np.testing.assert_allclose(again[1], theirs[1], atol=1e-6)

@@ -214,6 +214,14 @@ def _peft_kinds_model(use_dora):
     return model
 
 
+def _peft_outputs(folder, theirs_model, ids, img):
+    """PEFT loads the adapter in ``folder`` onto a twin with ``theirs_model``'s base weights; its outputs."""
+    reloaded = peft.PeftModel.from_pretrained(_TorchKinds(), str(folder)).eval()
+    reloaded.get_base_model().load_state_dict(theirs_model.get_base_model().state_dict(), strict=False)
+    with torch.no_grad():
+        return [o.numpy() for o in reloaded(torch.tensor(ids), torch.tensor(img))]
+
+
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @needs_torch
 def test_embed_dense_conv_adapters_match_peft_both_ways(tmp_path, use_dora):
@@ -236,10 +244,7 @@ def test_embed_dense_conv_adapters_match_peft_both_ways(tmp_path, use_dora):
 
     # and out again: PEFT loads our export and reproduces the same outputs
     lora_jax.export_peft(tmp_path / "ours", params, adapter.config)
-    reloaded = peft.PeftModel.from_pretrained(_TorchKinds(), str(tmp_path / "ours")).eval()
-    reloaded.get_base_model().load_state_dict(theirs_model.get_base_model().state_dict(), strict=False)
-    with torch.no_grad():
-        again = [o.numpy() for o in reloaded(torch.tensor(ids), torch.tensor(img))]
+    again = _peft_outputs(tmp_path / "ours", theirs_model, ids, img)
     np.testing.assert_allclose(again[0], theirs[0], atol=1e-6)
     np.testing.assert_allclose(again[1], np.transpose(theirs[1], (0, 3, 1, 2)), atol=1e-6)
 
@@ -311,9 +316,6 @@ def test_nnx_model_matches_peft_both_ways(tmp_path, use_dora):
     np.testing.assert_allclose(np.transpose(np.asarray(ours[1]), (0, 3, 1, 2)), theirs[1], atol=2e-5)
 
     lora_jax.export_peft(tmp_path / "ours", model, adapter.config)
-    reloaded = peft.PeftModel.from_pretrained(_TorchKinds(), str(tmp_path / "ours")).eval()
-    reloaded.get_base_model().load_state_dict(theirs_model.get_base_model().state_dict(), strict=False)
-    with torch.no_grad():
-        again = [o.numpy() for o in reloaded(torch.tensor(ids), torch.tensor(img))]
+    again = _peft_outputs(tmp_path / "ours", theirs_model, ids, img)
     np.testing.assert_allclose(again[0], theirs[0], atol=1e-6)
     np.testing.assert_allclose(again[1], theirs[1], atol=1e-6)

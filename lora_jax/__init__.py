@@ -13,6 +13,7 @@
 
 from .adapters import (Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover,
                        extract_adapter, hotswap_adapter)
+from .bank import bank_apply, make_bank
 from .checkpoint import CheckpointSaveError, TrainCheckpointer, load_adapter, save_adapter
 from .fingerprint import BaseMismatchError, base_fingerprint
 from . import nn, nnx_transform
@@ -36,6 +37,7 @@ __all__ = [
     "TrainCheckpointer",
     "add_weighted_adapter",
     "apply_adapter",
+    "bank_apply",
     "base_fingerprint",
     "check_adapter_fits",
     "check_targets_cover",
@@ -58,6 +60,7 @@ __all__ = [
     "lora_leaves",
     "lora_plus",
     "lora_plus_labels",
+    "make_bank",
     "make_eval_step",
     "make_train_step",
     "merge",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,18 +36,69 @@ def _module_name(module: tuple[str, ...]) -> str:
     return ".".join(module)
 
 
-def _kind(flat: dict, module: tuple[str, ...], a: np.ndarray) -> str:
-    if module + ("embedding",) in flat:
-        return "embed"
-    kernel = flat.get(module + ("kernel",))
-    if kernel is None:
+def _layout(flat: dict, module: tuple[str, ...], a: np.ndarray, b: np.ndarray) -> tuple[str, int | None]:
+    """('embed' | 'linear' | 'einsum' | 'conv', number of stacked layers or None) of an adapted layer.
+
+    'linear' covers Dense and DenseGeneral (A (n_in, r), B (r, n_out), the kernel's input and output
+    axes each flattened in C order) and 'einsum' the broadcast layout, exported as the Linear map
+    whose input and output axes are the kernel's, each in the kernel's own order. A leading axis
+    shared by A, B and the kernel is a stack of layers (``nn.scan``)."""
+    weight = flat.get(module + ("embedding",), flat.get(module + ("kernel",)))
+    if weight is None:
         raise ValueError(f"'{_module_name(module)}' has LoRA leaves but no kernel or embedding")
-    if a.ndim == 2 and kernel.ndim == 2:
-        return "linear"
-    if a.ndim == kernel.ndim == 4:
-        return "conv"
-    raise ValueError(f"layer '{_module_name(module)}' (kernel {kernel.shape}, lora_A {a.shape}) has no PEFT "
-                     f"equivalent: only Dense, 2-D Conv and Embed layers export")
+    if module + ("embedding",) in flat:
+        return ("embed", None) if a.ndim == 2 else ("embed", a.shape[0])
+    if a.ndim == weight.ndim + 1:
+        stacked = a.shape[0] if a.shape[0] == b.shape[0] == weight.shape[0] > 1 and weight.ndim > 2 else None
+        return "einsum", stacked
+    if a.ndim == b.ndim == 2:
+        return "linear", None
+    if a.ndim == weight.ndim == 4 and b.shape[:2] == (1, 1):
+        return "conv", None
+    if a.ndim == b.ndim == 3 and a.shape[0] == b.shape[0] == weight.shape[0]:
+        return "linear", a.shape[0]
+    raise ValueError(f"layer '{_module_name(module)}' (kernel {weight.shape}, lora_A {a.shape}) has no PEFT "
+                     f"equivalent: Dense, DenseGeneral, Einsum, 2-D Conv and Embed layers export, stacked or not")
+
+
+def torch_module_name(path: str, name_map: Mapping[str, str] | None = None, index: int | None = None) -> str:
+    """The PyTorch module name of our module ``path`` ('encoder/layer/0/query' -> 'encoder.layer.0.query').
+
+    ``name_map`` {regex: replacement}: the first regex that matches the whole path rewrites it
+    (``re.sub``; '/' then becomes '.'). Layer ``index`` of a stacked (scanned) module goes where the
+    replacement says ``{i}``, or by default after the path's first component ('blocks/q', 2 ->
+    'blocks.2.q').
+
+    >>> torch_module_name("blocks_0/attn/q", {r"blocks_(\\d+)/(.*)": r"blocks.\\1.\\2"})
+    'blocks.0.attn.q'
+    >>> torch_module_name("blocks/q", index=2)
+    'blocks.2.q'
+    """
+    for pattern, replacement in (name_map or {}).items():
+        if re.fullmatch(pattern, path):
+            name = re.sub(pattern, replacement, path)
+            if index is not None:
+                if "{i}" not in replacement:
+                    raise ValueError(f"'{path}' is a stack of layers: its name_map entry {pattern!r} -> "
+                                     f"{replacement!r} needs '{{i}}' where the layer index goes")
+                name = name.replace("{i}", str(index))
+            return name.replace("/", ".")
+    parts = path.split("/")
+    if index is not None:
+        parts = parts[:1] + [str(index)] + parts[1:]
+    return ".".join(parts)
+
+
+def _factors_to_torch(name: str, layout: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """PEFT's tensors for one layer's factors: Linear lora_A (r, in) / lora_B (out, r), Conv2d
+    (r, in, kh, kw) / (out, r, 1, 1), Embedding lora_embedding_A (r, vocab) / _B (features, r)."""
+    rank = a.shape[-1]
+    if layout == "embed":
+        return {f"{name}.lora_embedding_A": a.T, f"{name}.lora_embedding_B": b.T}
+    if layout == "conv":
+        return {f"{name}.lora_A.weight": _torch_layout(a), f"{name}.lora_B.weight": _torch_layout(b)}
+    b_flat = b.reshape(-1, rank).T if layout == "einsum" else b.reshape(rank, -1)  # einsum B keeps r last
+    return {f"{name}.lora_A.weight": a.reshape(-1, rank).T, f"{name}.lora_B.weight": b_flat.T}
 
 
 def _torch_layout(value: np.ndarray) -> np.ndarray:
@@ -67,7 +119,7 @@ def _to_torch(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
 
 
 def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_model_name_or_path: str | None = None,
-                task_type: str | None = None) -> Path:
+                task_type: str | None = None, *, name_map: Mapping[str, str] | None = None) -> Path:
     """Write ``params``' adapter as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
 
     ``params`` is the full LoRA param tree (the base leaves tell layer kinds apart); its paths must
@@ -78,6 +130,9 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
       directory: the folder to write (created; its two files are replaced atomically).
       params: the LoRA param tree (or NNX model); config: the adapter's config.
       base_model_name_or_path: recorded in adapter_config.json for ``PeftModel.from_pretrained``.
+      name_map: {regex on our module path: torch module name}, for models whose flax names differ
+        from the torch ones, and where a stacked (``nn.scan``) layer's index goes (``{i}``); see
+        ``torch_module_name``. Stacked layers are written one torch module per layer.
 
     Returns:
       ``directory`` as a Path.
@@ -101,20 +156,25 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
     ranks: dict[str, int] = {}
     for key, value in adapter.items():
         module, leaf = key[:-1], key[-1]
-        name = PREFIX + _module_name(module)
+        path = "/".join(module)
         if leaf == "lora_A":
             a, b = value, adapter[module + ("lora_B",)]
-            ranks[_module_name(module)] = a.shape[-1]
-            suffix = ("lora_embedding_A", "lora_embedding_B") if _kind(flat, module, a) == "embed" else \
-                ("lora_A.weight", "lora_B.weight")
-            tensors[f"{name}.{suffix[0]}"], tensors[f"{name}.{suffix[1]}"] = _torch_layout(a), _torch_layout(b)
-        elif leaf == "lora_magnitude":
-            n_out = value.shape[-1]
-            tensors[f"{name}.lora_magnitude_vector"] = value.reshape((1, n_out, 1, 1) if value.ndim == 4 else (n_out,))
-        elif leaf != "lora_B":
+            layout, stacked = _layout(flat, module, a, b)
+            magnitude = adapter.get(module + ("lora_magnitude",))
+            for index in (range(stacked) if stacked else (None,)):
+                a_i, b_i = (a, b) if index is None else (a[index], b[index])
+                name = torch_module_name(path, name_map, index)
+                ranks[name] = a_i.shape[-1]
+                tensors.update(_factors_to_torch(PREFIX + name, layout, a_i, b_i))
+                if magnitude is not None:
+                    m = magnitude if index is None else magnitude[index]
+                    n_out = m.shape[-1]
+                    tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.reshape(
+                        (1, n_out, 1, 1) if layout == "conv" else (-1,))
+        elif leaf not in ("lora_B", "lora_magnitude"):
             torch_leaf, converted = _to_torch(leaf, value)
-            tensors[f"{name}.{torch_leaf}"] = converted
-    plain = all(not t.startswith(REGEX_PREFIX) for t in config.targets) and not config.exclude
+            tensors[f"{PREFIX}{torch_module_name(path, name_map)}.{torch_leaf}"] = converted
+    plain = all(not t.startswith(REGEX_PREFIX) for t in config.targets) and not config.exclude and not name_map
     adapter_config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none",
@@ -186,17 +246,23 @@ def _check_lora_shapes(out: dict, config: LoraConfig, weights: Path) -> None:
         rank = config.rank_for("/".join(module))
         if a.ndim < 2 or b.ndim < 2:
             raise ValueError(f"{weights}: layer '{name}' has lora_A / lora_B of {a.ndim} and {b.ndim} dimensions")
-        if a.shape[-1] != rank or b.shape[-2] != rank:  # ours: A (..., r), B (r, out) or conv (1, 1, r, out)
-            raise ValueError(f"{weights}: layer '{name}' has factors of rank {a.shape[-1]} (lora_A) and {b.shape[-2]} "
+        b_rank = b.shape[-1] if a.ndim == b.ndim and b.shape[-1] == a.shape[-1] else b.shape[-2]  # einsum: r last
+        if a.shape[-1] != rank or b_rank != rank:  # ours: A (..., r), B (r, out), conv (1, 1, r, out), einsum (..., r)
+            raise ValueError(f"{weights}: layer '{name}' has factors of rank {a.shape[-1]} (lora_A) and {b_rank} "
                              f"(lora_B), but adapter_config.json gives it rank {rank}")
 
 
-def import_peft(directory: str | Path, base_params: Params | None = None) -> Adapter:
+def import_peft(directory: str | Path, base_params: Params | None = None, *,
+                name_map: Mapping[str, str] | None = None) -> Adapter:
     """Read a PEFT LoRA folder (ours or PEFT's own) into an Adapter (params in our layout + LoraConfig).
 
     ``base_params`` (the model's param tree) resolves modules_to_save leaves exactly (kernel vs
-    embedding vs LayerNorm scale); without it, 2-D ``weight`` is read as a Dense kernel and 1-D as a
-    LayerNorm scale. Modules the model does not have are named in the error of ``apply_adapter``.
+    embedding vs LayerNorm scale), maps torch module names to ours (``name_map`` as for
+    ``export_peft``), restacks per-layer modules of a scanned stack and reshapes DenseGeneral and
+    Einsum factors into their layouts (Einsum needs the LoRA model's params, e.g. from
+    ``init_lora_params``, whose lora_A / lora_B give the layout). Without it, names are read as ours
+    with '.' for '/', 2-D ``weight`` as a Dense kernel and 1-D as a LayerNorm scale. Modules the
+    model does not have are named in the error of ``apply_adapter``.
     """
     directory = Path(directory)
     data = _read_peft_config(directory)
@@ -221,6 +287,8 @@ def import_peft(directory: str | Path, base_params: Params | None = None) -> Ada
             module = tuple(parts[:-1])
             leaf = _our_leaf(module, parts[-1], value, flat_base)
             out[module + (leaf,)] = _our_layout(value) if leaf == "kernel" else value
+    if flat_base is not None:
+        out, config = _to_our_modules(out, config, flat_base, name_map)
     _check_lora_shapes(out, config, weights)
     params = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in out.items()})
     check_targets_cover(params, config, source=str(directory))
@@ -229,6 +297,56 @@ def import_peft(directory: str | Path, base_params: Params | None = None) -> Ada
     meta = {"peft_task_type": data.get("task_type"), "base_model": data.get("base_model_name_or_path"),
             "source": str(directory)}
     return Adapter(params, config, meta)
+
+
+def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Mapping[str, str] | None):
+    """Torch-named factors -> ours, through the names ``export_peft`` would give each layer of the
+    model: per-layer modules of a stack are stacked again, Linear factors take the layer's layout."""
+    names: dict[str, tuple[tuple[str, ...], int | None, str | None]] = {}
+    for key, weight in flat_base.items():
+        if key[-1] not in ("kernel", "embedding"):
+            continue
+        module = key[:-1]
+        a = flat_base.get(module + ("lora_A",))
+        layout, stacked = None, None
+        if a is not None:
+            b = flat_base[module + ("lora_B",)]
+            layout, stacked = _layout(flat_base, module, np.zeros(a.shape), np.zeros(b.shape))
+        for index in (range(stacked) if stacked else (None,)):
+            names[torch_module_name("/".join(module), name_map, index)] = (module, index, layout)
+    result: dict[tuple[str, ...], Any] = {}
+    stacks: dict[tuple[str, ...], dict[int, Any]] = {}
+    for key, value in out.items():
+        torch_name, leaf = ".".join(key[:-1]), key[-1]
+        if torch_name not in names:
+            result[key] = value
+            continue
+        module, index, layout = names[torch_name]
+        if leaf in ("lora_A", "lora_B", "lora_magnitude") and layout is not None and module + (leaf,) in flat_base:
+            like = tuple(flat_base[module + (leaf,)].shape)
+            value = _into_layout(value, leaf, layout, like[1:] if index is not None else like)
+        if index is None:
+            result[module + (leaf,)] = value
+        else:
+            stacks.setdefault(module + (leaf,), {})[index] = value
+    for key, layers in stacks.items():
+        result[key] = np.stack([layers[i] for i in sorted(layers)])
+    by_torch = {name: "/".join(module) for name, (module, _, _) in names.items()}
+    targets = tuple(dict.fromkeys(by_torch.get(t.replace("/", "."), t) for t in config.targets))
+    return result, config.replace(targets=targets)
+
+
+def _into_layout(value: np.ndarray, leaf: str, layout: str, like: tuple[int, ...]) -> np.ndarray:
+    """A factor as read from PEFT (Linear: A (in, r), B (r, out)) in the ``layout`` of our leaf shaped
+    ``like`` (one layer's shape; the rank may differ from ``like``'s)."""
+    if leaf == "lora_magnitude":
+        return value.reshape(like)
+    if leaf == "lora_A":
+        return value.reshape(like[:-1] + (value.shape[-1],))
+    if layout == "einsum":  # B keeps the rank last: (r, out) -> (out, r) -> kernel shape with in axes 1, r
+        return value.T.reshape(like[:-1] + (value.shape[0],))
+    rank = value.shape[-2]
+    return value.reshape(like[:-2] + (rank, like[-1]))
 
 
 def _our_leaf(module, torch_leaf, value, flat_base) -> str:

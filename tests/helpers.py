@@ -101,3 +101,27 @@ def tiny_gpt(vocab: int = 64, dim: int = 32, layers: int = 2, heads: int = 2, se
             return self.embed.attend(self.ln_f(h))
 
     return TinyGpt(nnx.Rngs(seed))
+
+
+def served_mlp_and_adapters(x):
+    """A LoRA MLP (10 -> 16 -> 12 -> 3) with rank-8 slots on fc1 and fc2 and a trainable head, and three
+    adapters for its base with other ranks, alphas, rsLoRA, targets and heads: a list of
+    (the adapter's own model, its params, the Adapter)."""
+    import lora_jax
+    from experiments.mlp import MLP
+
+    slots = lora_jax.LoraConfig(rank=8, alpha=8, targets=("fc1", "fc2"), modules_to_save=("fc3",))
+    served = lora_jax.lora(MLP((16, 12, 3)), slots)
+    params = served.init(jax.random.key(0), x)["params"]
+    base = {k: {n: v for n, v in layer.items() if not n.startswith("lora_")} for k, layer in params.items()}
+    configs = [lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",)),
+               lora_jax.LoraConfig(rank=4, alpha=3, targets=("fc1", "fc2"), rslora=True, rank_pattern={"fc2": 1},
+                                   modules_to_save=("fc3",)),
+               lora_jax.LoraConfig(rank=8, alpha=16, targets=("fc2",), modules_to_save=("fc3",))]
+    adapters = []
+    for i, config in enumerate(configs):
+        own = lora_jax.lora(MLP((16, 12, 3)), config)
+        own_params = randomize_lora(lora_jax.init_lora_params(own, base, jax.random.key(i), x), seed=i, scale=0.5)
+        own_params["fc3"]["kernel"] = own_params["fc3"]["kernel"] + 0.2 * (i + 1)
+        adapters.append((own, own_params, lora_jax.extract_adapter(own_params, config)))
+    return served, slots, params, adapters

@@ -8,7 +8,7 @@ import pytest
 import lora_jax
 from lora_jax import LoraConfig
 from experiments.mlp import MLP
-from tests.helpers import randomize_lora
+from tests.helpers import randomize_lora, served_mlp_and_adapters
 
 
 def _params():
@@ -156,10 +156,7 @@ def test_svd_combination_keeps_the_best_low_rank_part_and_reports_what_it_drops(
 
 def test_hotswapping_adapters_of_other_ranks_and_scales_does_not_recompile():
     x = jax.random.normal(jax.random.key(3), (4, 10))
-    slots = LoraConfig(rank=8, alpha=8, targets=("fc1", "fc2"), modules_to_save=("fc3",))
-    served = lora_jax.lora(MLP((16, 12, 3)), slots)
-    params = served.init(jax.random.key(0), x)["params"]
-    base = {k: {n: v for n, v in layer.items() if not n.startswith("lora_")} for k, layer in params.items()}
+    served, slots, params, adapters = served_mlp_and_adapters(x)
     traces = []
 
     def forward(p, x):
@@ -168,18 +165,10 @@ def test_hotswapping_adapters_of_other_ranks_and_scales_does_not_recompile():
 
     forward = jax.jit(forward)
     forward(params, x)
-    configs = [LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",)),
-               LoraConfig(rank=4, alpha=3, targets=("fc1", "fc2"), rslora=True, rank_pattern={"fc2": 1},
-                          modules_to_save=("fc3",)),
-               LoraConfig(rank=8, alpha=16, targets=("fc2",), modules_to_save=("fc3",))]
-    for i, config in enumerate(configs):
-        own = lora_jax.lora(MLP((16, 12, 3)), config)
-        own_params = randomize_lora(lora_jax.init_lora_params(own, base, jax.random.key(i), x), seed=i, scale=0.5)
-        own_params["fc3"]["kernel"] = own_params["fc3"]["kernel"] + 0.1 * i
-        adapter = lora_jax.extract_adapter(own_params, config)
+    for own, own_params, adapter in adapters:
         swapped = lora_jax.hotswap_adapter(params, adapter, slots)
         np.testing.assert_allclose(forward(swapped, x), own.apply({"params": own_params}, x), atol=1e-5)
     assert len(traces) == 1
-    too_big = lora_jax.Adapter({"fc1": {"lora_A": jnp.ones((10, 9)), "lora_B": jnp.ones((9, 16))}}, configs[0])
+    too_big = lora_jax.Adapter({"fc1": {"lora_A": jnp.ones((10, 9)), "lora_B": jnp.ones((9, 16))}}, adapters[0][2].config)
     with pytest.raises(ValueError, match="rank 9, the running model 8 slots"):
         lora_jax.hotswap_adapter(params, too_big, slots)

@@ -11,6 +11,7 @@ import pytest
 import lora_jax
 from lora_jax import LoraConfig
 from lora_jax.models import from_pretrained, packaged_minilm_path
+from tests.helpers import randomize_lora
 
 try:  # the parity tests need PyTorch, transformers and peft; the rest of this file runs without them
     import peft
@@ -120,13 +121,13 @@ def test_unsupported_peft_options_are_refused(tmp_path):
 def test_export_refuses_layers_without_peft_equivalent(tmp_path):
     import flax.linen as nn
 
-    class Heads(nn.Module):
+    class Conv1d(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.DenseGeneral((2, 4), name="proj")(x)
+            return nn.Conv(4, (3,), name="proj")(x)
 
     config = LoraConfig(rank=2, targets=("proj",))
-    params = lora_jax.lora(Heads(), config).init(jax.random.key(0), jnp.ones((1, 6)))["params"]
+    params = lora_jax.lora(Conv1d(), config).init(jax.random.key(0), jnp.ones((1, 5, 6)))["params"]
     with pytest.raises(ValueError, match="'proj'.*no PEFT equivalent"):
         lora_jax.export_peft(tmp_path, params, config)
 
@@ -319,3 +320,121 @@ def test_nnx_model_matches_peft_both_ways(tmp_path, use_dora):
     again = _peft_outputs(tmp_path / "ours", theirs_model, ids, img)
     np.testing.assert_allclose(again[0], theirs[0], atol=1e-6)
     np.testing.assert_allclose(again[1], theirs[1], atol=1e-6)
+
+
+# ---------------------------------------------------------------- a GPT-style twin: DenseGeneral, Einsum, nn.scan
+
+
+def _flax_gpt():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            q = nn.DenseGeneral((2, 4), name="q")(h)                                           # (b, t, 2, 4)
+            v = nn.Einsum((8, 2, 4), "btd,dhk->bthk", use_bias=False, name="v")(h)           # (b, t, 2, 4)
+            return h + jnp.tanh(nn.DenseGeneral(8, axis=(-2, -1), name="o")(q * v)), None
+
+    class Gpt(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+            return nn.Dense(3, name="head")(blocks(name="blocks")(x, None)[0])
+
+    return Gpt()
+
+
+def _torch_gpt():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v, self.o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8)
+
+        def forward(self, h):
+            b, t, _ = h.shape
+            q, v = self.q(h).view(b, t, 2, 4), self.v(h).view(b, t, 2, 4)
+            return h + torch.tanh(self.o((q * v).reshape(b, t, 8)))
+
+    class Gpt(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.head = torch.nn.ModuleList([Block(), Block()]), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    return Gpt()
+
+
+def _torch_gpt_with(flax_params):
+    """The torch twin carrying the flax base weights: each kernel flattened (in..., out...) -> (out, in)."""
+    twin, p = _torch_gpt(), flax_params
+    state = {"head.weight": np.asarray(p["head"]["kernel"]).T, "head.bias": np.asarray(p["head"]["bias"])}
+    for i in range(2):
+        for name in ("q", "v", "o"):
+            state[f"blocks.{i}.{name}.weight"] = np.asarray(p["blocks"][name]["kernel"][i]).reshape(8, 8).T
+        for name in ("q", "o"):
+            state[f"blocks.{i}.{name}.bias"] = np.asarray(p["blocks"][name]["bias"][i]).reshape(8)
+    twin.load_state_dict({k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()})
+    return twin.eval()
+
+
+@needs_torch
+def test_gpt_twin_with_dense_general_einsum_and_scanned_blocks_matches_peft_both_ways(tmp_path):
+    import warnings
+
+    x = np.random.RandomState(0).randn(2, 5, 8).astype(np.float32)
+    config = LoraConfig(rank=2, alpha=4, targets=("q", "v", "o"))
+    model = lora_jax.lora(_flax_gpt(), config)
+    params = randomize_lora(model.init(jax.random.key(0), jnp.asarray(x))["params"], scale=0.3)
+    assert params["blocks"]["v"]["lora_A"].shape == (2, 8, 1, 1, 2)  # stacked einsum factors
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+    lora_jax.export_peft(tmp_path / "ours", params, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs_model = peft.PeftModel.from_pretrained(_torch_gpt_with(params), str(tmp_path / "ours")).eval()
+    assert not [w for w in caught if "key" in str(w.message).lower()], [str(w.message) for w in caught]
+    with torch.no_grad():
+        theirs = theirs_model(torch.tensor(x)).numpy()
+    print(f"GPT twin, our export in PEFT: max |diff| = {np.abs(ours - theirs).max():.2e}")
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+    # PEFT-written adapters for the twin come back stacked and in our layouts
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(_torch_gpt_with(params), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q", "v", "o"], init_lora_weights=False)).eval()
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(x)).numpy()
+    adapter = lora_jax.import_peft(tmp_path / "theirs", base_params=params)
+    assert adapter.params["blocks"]["v"]["lora_B"].shape == (2, 1, 2, 4, 2)
+    mine = np.asarray(lora_jax.lora(_flax_gpt(), adapter.config).apply(
+        {"params": lora_jax.apply_adapter(params, adapter)}, jnp.asarray(x)))
+    print(f"GPT twin, PEFT's adapter imported: max |diff| = {np.abs(mine - theirs).max():.2e}")
+    np.testing.assert_allclose(mine, theirs, atol=1e-4)
+
+
+def test_name_map_bridges_flax_and_torch_module_names(tmp_path):
+    import flax.linen as nn
+    from safetensors.numpy import load_file
+
+    class Listed(nn.Module):  # a setup list names its layers blocks_0, blocks_1; torch says blocks.0, blocks.1
+        def setup(self):
+            self.blocks = [nn.Dense(4), nn.Dense(4)]
+
+        def __call__(self, x):
+            return self.blocks[1](self.blocks[0](x))
+
+    config = LoraConfig(rank=2, targets=("re:blocks_\\d+",))
+    params = randomize_lora(lora_jax.lora(Listed(), config).init(jax.random.key(0), jnp.ones((1, 4)))["params"])
+    name_map = {r"blocks_(\d+)": r"blocks.\1"}
+    lora_jax.export_peft(tmp_path, params, config, name_map=name_map)
+    keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert keys[0] == "base_model.model.blocks.0.lora_A.weight" and len(keys) == 4
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["blocks.0", "blocks.1"]
+    back = lora_jax.import_peft(tmp_path, base_params=params, name_map=name_map)
+    jax.tree.map(np.testing.assert_array_equal, back.params, lora_jax.lora_leaves(params))
+    with pytest.raises(ValueError, match=r"needs '\{i\}' where the layer index goes"):
+        lora_jax.peft_io.torch_module_name("blocks/q", {"blocks/(.*)": r"layers.\1"}, index=0)

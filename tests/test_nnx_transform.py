@@ -364,3 +364,16 @@ def test_layers_called_under_nnx_remat_give_the_same_gradients():
         grads.append(jax.tree.map(np.asarray, grad.to_pure_dict()))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
     assert np.abs(grads[0]["fc1"]["lora_A"]).max() > 0
+
+
+def test_exclude_rank_pattern_and_rslora_behave_as_in_linen():
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2", "fc3"), exclude=("fc3",), rank_pattern={"fc2": 4},
+                        rslora=True)
+    model = Mlp(nnx.Rngs(0))
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    assert model.fc1.lora_A.shape == (10, 2) and model.fc2.lora_A.shape == (16, 4) and not hasattr(model.fc3, "lora_A")
+    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": 0.2 * jnp.ones((2, 16))},
+                                                   "fc2": {"lora_B": -0.3 * jnp.ones((4, 8))}})
+    x = jax.random.normal(jax.random.key(0), (4, 10))
+    np.testing.assert_allclose(model(x), lora_jax.lora(LinenMlp(), config).apply(
+        {"params": lora_jax.nnx_params(model)}, x), atol=1e-6)

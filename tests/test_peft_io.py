@@ -240,6 +240,8 @@ def test_embed_dense_conv_adapters_match_peft_both_ways(tmp_path, use_dora):
     model = lora_jax.lora(_flax_kinds(), adapter.config)
     params = lora_jax.apply_adapter(base_params, adapter)
     ours = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(np.transpose(img, (0, 2, 3, 1))))
+    print(f"{'DoRA' if use_dora else 'LoRA'} Embed/Linear/Conv2d, PEFT's adapter imported: max |diff| = "
+          f"{max(float(np.abs(np.asarray(o) - t).max()) for o, t in zip(ours, theirs)):.2e}")
     for o, t in zip(ours, theirs):
         np.testing.assert_allclose(np.asarray(o), t, atol=2e-5)
 
@@ -274,6 +276,8 @@ def test_dora_gradients_match_peft(tmp_path):
         g = {part: p.grad.numpy() for n, p in by_name.items() if f".{layer}." in n and p.grad is not None
              for part in ("lora_A", "lora_B", "lora_magnitude_vector") if f".{part}." in n}
         ga, gb, gm = (np.asarray(grads[layer][k]) for k in ("lora_A", "lora_B", "lora_magnitude"))
+        print(f"DoRA {layer}: |grad| max {max(np.abs(ga).max(), np.abs(gb).max(), np.abs(gm).max()):.3f}, "
+              f"magnitude grad max |diff| {np.abs(gm.reshape(-1) - g['lora_magnitude_vector'].reshape(-1)).max():.2e}")
         if layer == "fc":
             np.testing.assert_allclose(ga, g["lora_A"].T, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(gb, g["lora_B"].T, rtol=1e-4, atol=1e-5)

@@ -23,6 +23,7 @@ from .masking import combine, lora_leaves, partition, trainable_mask
 from .merge import merge, unmerge
 from .nnx_transform import nnx_functional, nnx_params, nnx_trainable
 from .optim import lora_plus, lora_plus_labels
+from .quantize import QuantizedKernel, quantize
 from .peft_io import export_peft, import_peft
 from .summary import count_parameters, print_trainable_parameters, trainable_summary
 from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
@@ -49,6 +50,7 @@ __all__ = [
     "save_adapter",
     "LoraConfig",
     "LoraModule",
+    "QuantizedKernel",
     "TrainState",
     "TrainStep",
     "combine",
@@ -71,6 +73,7 @@ __all__ = [
     "nnx_transform",
     "partition",
     "print_trainable_parameters",
+    "quantize",
     "trainable_mask",
     "trainable_summary",
     "unmerge",

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
 
 from .masking import LORA_LEAVES
 
@@ -46,9 +47,10 @@ def _sample(value: Any) -> np.ndarray:
 
 
 def _frozen_items(flat: dict[tuple[str, ...], Any], skip: Iterable[tuple[str, ...]]):
-    """(key, leaf) of every frozen leaf in path order: not LoRA, not in ``skip``."""
+    """(key, leaf) of every frozen leaf in path order: not LoRA, not in ``skip``; boxed leaves unboxed
+    (a quantized kernel counts as its dequantized values)."""
     skip = set(skip)
-    return [(key, flat[key]) for key in sorted(flat) if key not in skip and key[-1] not in LORA_LEAVES]
+    return [(key, meta.unbox(flat[key])) for key in sorted(flat) if key not in skip and key[-1] not in LORA_LEAVES]
 
 
 def _fingerprint(flat: dict[tuple[str, ...], Any], skip: Iterable[tuple[str, ...]]) -> str:

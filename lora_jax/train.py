@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct, traverse_util
-from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .masking import combine, partition
+from .quantize import unbox_but_quantized
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -76,7 +76,8 @@ class TrainState:
 
         The trainable leaves are copied once here: the step donates them, and the caller's own
         ``params`` (say, a pretrained tree reused for several runs) must stay valid. Frozen leaves
-        are shared, never copied. Boxed params (``nn.Partitioned``) are unboxed.
+        are shared, never copied. Boxed params (``nn.Partitioned``) are unboxed; quantized kernels
+        (``lora_jax.quantize``) stay quantized.
 
         Args:
           shardings: where the state lives on a mesh: one ``jax.sharding.Sharding`` for every leaf, or a
@@ -91,7 +92,7 @@ class TrainState:
             shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
             state = TrainState.create(nn.unbox(boxed_params), mask, tx, rng, shardings=shardings)
         """
-        params = meta.unbox(params)
+        params = unbox_but_quantized(params)  # quantized kernels stay small
         check_mask(params, mask)
         trainable, frozen = partition(params, mask)
         trainable = jax.tree.map(jnp.copy, trainable)

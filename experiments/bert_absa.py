@@ -187,6 +187,8 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
         config = lora_config(args, base_params)
         net = lora_jax.lora(model, config)
         params = lora_jax.init_lora_params(net, base_params, jax.random.key(seed + 1), jnp.ones((1, 8), jnp.int32))
+        if args.quantize != "none":  # QLoRA: every frozen kernel but the trained head stored int8 / NF4
+            params = lora_jax.quantize(params, config, args.quantize, layers="all")
         mask = lora_jax.trainable_mask(params, config)
     else:
         config, net, params = None, model, base_params
@@ -258,7 +260,7 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
     if mode == "lora":
         adapter_dir = lora_jax.save_adapter(out / "adapter", final, config, base_model=str(args.model),
                                             metadata={"task": "aspect_sentiment", "labels": list(LABELS),
-                                                      "max_len": args.max_len})
+                                                      "max_len": args.max_len, "quantize": args.quantize})
         adapter_bytes = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
     best_epoch = max(history, key=lambda e: e[select])
     return {"mode": mode, "seed": seed, "lr": lr, "hyper_parameters": h, "selected_by": select,
@@ -334,6 +336,9 @@ def summarize(runs: list[dict]) -> list[list[Any]]:
 
 
 def cmd_train(args) -> dict[str, Any]:
+    if args.quantize != "none" and args.full_finetune:
+        raise ValueError("--quantize stores the frozen base quantized for LoRA; full fine-tuning trains every kernel "
+                         "(drop --full-finetune, or --quantize)")
     data = load_semeval(args.domain, args.data_dir, keep_conflict=args.keep_conflict)
     if args.limit is not None:
         data = {k: v[: args.limit] for k, v in data.items()}
@@ -439,6 +444,8 @@ def cmd_predict(args) -> list[dict[str, Any]]:
     adapter_meta = adapter.metadata
     model, base_params, tokenizer = from_pretrained(adapter_meta.get("base_model") or PACKAGED_MINILM,
                                                     num_labels=len(LABELS))
+    if adapter_meta.get("quantize", "none") != "none":  # the base it was trained on was quantized: quantize it again
+        base_params = lora_jax.quantize(base_params, adapter.config, adapter_meta["quantize"], layers="all")
     # checks the adapter fits (names leaf and shapes) and that this is the base it was trained on
     params = lora_jax.apply_adapter(base_params, adapter, strict=not args.allow_other_base)
     net = lora_jax.lora(model, adapter.config)
@@ -513,6 +520,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the rest (less memory, and faster on CPU), 'none' keeps everything")
     t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of the encoder's matmuls (params, LoRA factors and optimizer state stay float32)")
+    t.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
+                   help="LoRA mode: store the frozen base kernels int8 (per-channel) or NF4 (QLoRA)")
     t.add_argument("--dev-fraction", type=open_fraction, default=0.1, help="share of train held out as dev")
     t.add_argument("--seed", type=non_negative_int, default=0, help="seed of dev split, init, batch order, dropout")
     t.add_argument("--seeds", type=seed_list, default=None, help="comma-separated seeds (e.g. 0,1,2): one run per "

@@ -127,7 +127,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      rank_pattern={"fc3": min(rank, 10)} if rank > 10 else {})
         model = lora_jax.lora(base, config)
         params = lora_jax.init_lora_params(model, pretrained, jax.random.key(args.seed + rank), source_train.x[:1])
+        if args.quantize != "none":  # QLoRA: the frozen kernels stored int8 / NF4
+            params = lora_jax.quantize(params, config, args.quantize, layers="all")
         mask = lora_jax.trainable_mask(params, config)
+        _, frozen_before = lora_jax.partition(params, mask)
         lora_state, times = fit(model, params, mask, target_train, args.epochs, args.lora_lr, args.batch_size,
                                 args.seed + 10 + rank, f"LoRA r={rank}")
         record(f"LoRA r={rank}", rank, lora_state.params, mask, model, lora_state.opt_state, times)
@@ -136,14 +139,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             np.asarray(jax.jit(base.apply)({"params": merged}, target_test.x)).argmax(-1),
             np.asarray(jax.jit(model.apply)({"params": lora_state.params}, target_test.x)).argmax(-1)))
         _, frozen = lora_jax.partition(lora_state.params, mask)
-        base_unchanged = all(np.array_equal(np.asarray(frozen[k][leaf]), np.asarray(pretrained[k][leaf]))
-                             for k in LAYERS for leaf in ("kernel", "bias"))
+        base_unchanged = all(np.array_equal(np.asarray(a), np.asarray(b))
+                             for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)))
         checks.append({"rank": rank, "merged_predictions_equal": same_predictions, "frozen_base_unchanged": base_unchanged})
 
     for rank in args.full_head_ranks:  # LoRA on the hidden layers, the 10-way head retrained in full
         config = lora_jax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=("fc1", "fc2"), modules_to_save=("fc3",))
         model = lora_jax.lora(base, config)
         params = lora_jax.init_lora_params(model, pretrained, jax.random.key(args.seed + rank), source_train.x[:1])
+        if args.quantize != "none":
+            params = lora_jax.quantize(params, config, args.quantize, layers="all")
         mask = lora_jax.trainable_mask(params, config)
         lora_state, times = fit(model, params, mask, target_train, args.epochs, args.lora_lr, args.batch_size,
                                 args.seed + 10 + rank, f"LoRA r={rank}+head")
@@ -184,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = make_parser("mnist_mlp", __doc__)
     p.add_argument("--epochs", type=positive_int, default=10, help="adaptation epochs per method")
     p.add_argument("--pretrain-epochs", type=positive_int, default=5, help="epochs of pretraining on digits 0-4")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
+                   help="LoRA runs: store the frozen kernels int8 (per-channel) or NF4 (QLoRA)")
     p.add_argument("--ranks", type=int_list, default=[1, 2, 4, 8, 16], help="comma-separated LoRA ranks to compare")
     p.add_argument("--full-head-ranks", type=lambda text: int_list(text) if text.strip() else [], default=[8],
                    help="ranks of the variant with LoRA on fc1, fc2 and the head fc3 trained in full ('' for none)")

@@ -68,6 +68,23 @@ def test_pipeline_smoke_train_then_predict(tmp_path, tiny_bert_dir):
     assert lines[1].startswith("The battery is wonderful .,battery,")
 
 
+@pytest.mark.slow
+def test_quantized_base_trains_and_its_adapter_predicts_on_the_same_quantized_base(tmp_path, tiny_bert_dir):
+    from experiments import bert_absa
+
+    _write_tiny_semeval(tmp_path)
+    bert_absa.main(["train", "--data-dir", str(tmp_path), "--model", str(tiny_bert_dir), "--epochs", "1",
+                    "--batch-size", "8", "--eval-batch-size", "8", "--max-len", "32", "--quantize", "nf4",
+                    "--out", str(tmp_path / "run")])
+    run = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]
+    # predict quantizes the base again from the adapter's metadata: the base fingerprint matches
+    results = bert_absa.main(["predict", "--adapter", run["adapter_dir"], "The battery is wonderful .",
+                              "--aspect", "battery"])
+    assert len(results) == 1
+    with pytest.raises(ValueError, match="--quantize stores the frozen base quantized for LoRA"):
+        bert_absa.main(["train", "--data-dir", str(tmp_path), "--full-finetune", "--quantize", "int8"])
+
+
 def test_seed_summary_gives_mean_and_sample_sd_per_mode():
     from experiments.bert_absa import summarize
 

@@ -300,8 +300,31 @@ def worker_scaling(args) -> dict[str, Any]:
     return out
 
 
+def worker_quantized(args) -> dict[str, Any]:
+    """The LoRA step on an fp32, int8 and NF4 base (every encoder and pooler kernel quantized), alternating
+    in one process, and the bytes of those kernels."""
+    import lora_jax
+
+    _, _, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank, args.remat)
+    trees = {"fp32": lora_params, **{fmt: lora_jax.quantize(lora_params, config, fmt, layers="all")
+                                     for fmt in ("int8", "nf4")}}
+
+    def kernel_bytes(tree) -> int:  # encoder and pooler kernels; the classifier trains and stays fp32
+        from flax import traverse_util
+
+        from lora_jax.quantize import QuantizedKernel
+
+        return sum(v.nbytes if isinstance(v, QuantizedKernel) else int(np.asarray(v).nbytes)
+                   for key, v in traverse_util.flatten_dict(tree).items() if key[-1] == "kernel" and "classifier" not in key)
+
+    steps = interleaved({fmt: jax_step(lora_model, tree, lora_jax.trainable_mask(tree, config), data)[0]
+                         for fmt, tree in trees.items()}, args.steps)
+    return {**{f"{fmt}_step_s": v["median_s"] for fmt, v in steps.items()},
+            **{f"{fmt}_kernel_bytes": kernel_bytes(tree) for fmt, tree in trees.items()}}
+
+
 WORKERS = {"train": worker_train, "ratios": worker_ratios, "versus-peft": worker_versus_peft,
-           "peft-memory": worker_peft_memory, "scaling": worker_scaling}
+           "peft-memory": worker_peft_memory, "scaling": worker_scaling, "quantized": worker_quantized}
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -426,6 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default runs/benchmark/<timestamp>)")
     p.add_argument("--peft", action="store_true", help="also measure PyTorch + PEFT (needs torch and peft)")
     p.add_argument("--no-scaling", action="store_true", help="skip the rank / sequence length / batch sweep")
+    p.add_argument("--quantized-base", action="store_true", help="instead: the LoRA step and kernel bytes on an fp32, "
+                   "int8 and NF4 base (QLoRA), interleaved in one process")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
@@ -444,7 +469,28 @@ def main(argv=None) -> dict[str, Any]:
         return _run(args, out)
 
 
+def _run_quantized(args, out: Path) -> dict[str, Any]:
+    """``--quantized-base``: the LoRA step and kernel bytes on fp32, int8 and NF4 bases, per model."""
+    models = [args.model] if args.model else ["minilm", "bert-base-config"]
+    rows, report = [], {"machine": machine_info(), "quantized_base": {}}
+    for m in models:
+        print(f"[{m}] LoRA step on fp32 / int8 / NF4 bases", flush=True)
+        r = spawn("quantized", argparse.Namespace(**{**vars(args), "model": m}))
+        report["quantized_base"][m] = r
+        for fmt in ("fp32", "int8", "nf4"):
+            rows.append([m, fmt, r[f"{fmt}_step_s"], r[f"{fmt}_step_s"] / r["fp32_step_s"],
+                         r[f"{fmt}_kernel_bytes"] / 2**20, r[f"{fmt}_kernel_bytes"] / r["fp32_kernel_bytes"]])
+    table = print_table("LoRA on a quantized base", ["model", "base", "step s", "step / fp32", "kernel MiB",
+                                                     "kernel bytes / fp32"], rows)
+    report["table"] = table
+    write_json(out / "results.json", report)
+    print(f"results: {out / 'results.json'}")
+    return report
+
+
 def _run(args, out: Path) -> dict[str, Any]:
+    if args.quantized_base:
+        return _run_quantized(args, out)
     models = [args.model] if args.model else ["minilm", "bert-base-config"]
     start = time.perf_counter()
     results = [benchmark_model(m, args) for m in models]

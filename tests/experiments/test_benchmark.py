@@ -74,3 +74,11 @@ def test_report_from_worker_results(tmp_path, monkeypatch):
     assert not verdicts["ours_over_transformers_forward (tiny-config)"]  # 1.0 against a bound of 0.9
     assert "| model | mode | step (s)" in (tmp_path / "benchmark.md").read_text()
     assert (tmp_path / "scaling.png").stat().st_size > 1000
+
+
+def test_quantized_base_figures(tmp_path):
+    report = benchmark.main(["--model", "tiny-config", "--quantized-base", "--steps", "1", "--in-process",
+                             "--out", str(tmp_path)])
+    r = report["quantized_base"]["tiny-config"]
+    assert r["nf4_kernel_bytes"] <= 0.16 * r["fp32_kernel_bytes"] < r["int8_kernel_bytes"] < 0.3 * r["fp32_kernel_bytes"]
+    assert all(r[f"{fmt}_step_s"] > 0 for fmt in ("fp32", "int8", "nf4"))

@@ -21,7 +21,8 @@ from .config import LoraConfig
 from .core.dropout import dropout
 from .masking import combine, lora_leaves, partition, trainable_mask
 from .merge import merge, unmerge
-from .nnx_transform import nnx_functional, nnx_params, nnx_trainable
+from .nnx_trees import load_nnx_params, nnx_params
+from .nnx_transform import nnx_functional, nnx_trainable
 from .optim import lora_plus, lora_plus_labels
 from .quantize import QuantizedKernel, quantize
 from .peft_io import export_peft, import_peft
@@ -59,6 +60,7 @@ __all__ = [
     "dropout_rngs",
     "init_lora_params",
     "lora",
+    "load_nnx_params",
     "lora_leaves",
     "lora_plus",
     "lora_plus_labels",

@@ -22,7 +22,7 @@ from .core.kinds import delta
 from .fingerprint import check_base_fingerprint
 from .masking import LORA_LEAVES, partition, trainable_mask
 from .merge import base_leaf_key
-from .nnx_transform import as_param_tree
+from .nnx_trees import as_param_tree
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
@@ -116,7 +116,7 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
     from flax import nnx
 
     if isinstance(base_params, nnx.Module):  # an NNX model with LoRA: the adapter is written into it in place
-        from .nnx_transform import load_nnx_params, nnx_params
+        from .nnx_trees import load_nnx_params, nnx_params
 
         merged = apply_adapter(nnx_params(base_params), adapter, strict=strict)
         wanted = adapter.params if isinstance(adapter, Adapter) else adapter

@@ -31,7 +31,7 @@ from .config import LoraConfig
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .folder_swap import locked, recover_folder, replace_folder
 from .masking import partition, trainable_mask
-from .nnx_transform import as_param_tree
+from .nnx_trees import as_param_tree
 from .targets import path_str
 from .train import TrainState
 

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from .config import LoraConfig
 from .core.variants import ADAPTER_LEAVES
-from .nnx_transform import as_param_tree
+from .nnx_trees import as_param_tree
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]

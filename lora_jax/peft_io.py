@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_adapter
 from .config import LoraConfig
-from .nnx_transform import as_param_tree
+from .nnx_trees import as_param_tree
 from .safetensors_io import read_safetensors
 from .targets import REGEX_PREFIX
 

@@ -9,7 +9,7 @@ from flax import traverse_util
 
 from .config import LoraConfig
 from .masking import trainable_mask
-from .nnx_transform import as_param_tree
+from .nnx_trees import as_param_tree
 from .targets import path_str
 
 Params = Mapping[str, Any]

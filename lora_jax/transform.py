@@ -10,7 +10,6 @@ read, never written.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -19,16 +18,8 @@ from flax import traverse_util
 
 from .config import LoraConfig
 from .layers import ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind
+from .target_report import TargetReport, check_targets
 from .targets import any_matches, matches, path_str
-
-
-@dataclasses.dataclass
-class _TraceRecord:
-    """What one trace of the model saw: adaptable layers and which patterns selected them."""
-
-    adaptable: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> kind
-    hits: dict[str, int] = dataclasses.field(default_factory=dict)  # target pattern -> count
-    targeted: set[str] = dataclasses.field(default_factory=set)
 
 
 class LoraModule(nn.Module):
@@ -51,21 +42,21 @@ class LoraModule(nn.Module):
     def call_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``base.<method>`` with LoRA active, e.g. ``model.apply(p, x, method='call_method',
         ...)``; ``__call__`` is ``call_method('__call__', ...)``."""
-        record = _TraceRecord(hits={t: 0 for t in self.config.targets})
+        record = TargetReport(hits={t: 0 for t in self.config.targets})
         dropout_on = self.config.dropout > 0 and self.scope.has_rng(self.config.dropout_rng)
         with nn.intercept_methods(self._interceptor(record, dropout_on)):
             out = getattr(self.base, method)(*args, **kwargs)
         # Targets are resolved when the adapter is created; a later call may use only some layers (an
         # `encode` method), which is fine as long as the params hold an adapter at all.
         if self.scope.is_mutable_collection("params") or not (record.targeted or self._holds_adapter()):
-            _check_targets(self.config, record)
+            check_targets(self.config, record, ", ".join(c.__name__ for c in SUPPORTED))
         return out
 
     def _holds_adapter(self) -> bool:
         flat = traverse_util.flatten_dict(nn.meta.unbox(self.scope.variables().get("params", {})))
         return any(key[-1] == "lora_A" for key in flat)
 
-    def _interceptor(self, record: _TraceRecord, dropout_on: bool):
+    def _interceptor(self, record: TargetReport, dropout_on: bool):
         config = self.config
 
         def interceptor(next_fun, args, kwargs, context):
@@ -97,19 +88,6 @@ class LoraModule(nn.Module):
             return adapted_output(module, kind, args, kwargs, config, path, key, out, method=context.method_name)
 
         return interceptor
-
-
-def _check_targets(config: LoraConfig, record: _TraceRecord) -> None:
-    missing = [t for t, n in record.hits.items() if n == 0]
-    if not missing and record.targeted:
-        return
-    listing = "\n".join(f"  {p}  ({k})" for p, k in sorted(record.adaptable.items())) or "  (none)"
-    names = ", ".join(c.__name__ for c in SUPPORTED)
-    if missing:
-        problem = f"LoRA target pattern(s) {missing} matched no layer"
-    else:
-        problem = f"every layer matched by {list(config.targets)} is excluded by {list(config.exclude)}"
-    raise ValueError(f"{problem}. Layers LoRA can adapt ({names}) in this model:\n{listing}")
 
 
 def lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:

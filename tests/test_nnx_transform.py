@@ -38,7 +38,7 @@ def _randomize(model, seed=0, scale=0.3):
     params = lora_jax.nnx_params(model)["layer"]
     keys = iter(jax.random.split(jax.random.key(seed), 8))
     new = {k: scale * jax.random.normal(next(keys), v.shape) for k, v in params.items() if k in ("lora_A", "lora_B")}
-    lora_jax.nnx_transform.load_nnx_params(model, {"layer": new})
+    lora_jax.load_nnx_params(model, {"layer": new})
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -124,7 +124,7 @@ def test_merge_gives_the_original_classes_and_leaves_the_model_adapted():
     model = Mlp(nnx.Rngs(0))
     config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"))
     lora_jax.lora(model, config, rngs=nnx.Rngs(1))
-    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": 0.3 * jnp.ones((2, 16))}})
+    lora_jax.load_nnx_params(model, {"fc1": {"lora_B": 0.3 * jnp.ones((2, 16))}})
     x = jax.random.normal(jax.random.key(0), (4, 10))
     merged = lora_jax.merge(model, config)
     assert type(merged.fc1) is nnx.Linear and not hasattr(merged.fc1, "lora_A")
@@ -137,7 +137,7 @@ def test_nnx_and_linen_agree_on_the_same_weights_and_write_the_same_peft_files(t
     model = Mlp(nnx.Rngs(0))
     config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",))
     lora_jax.lora(model, config, rngs=nnx.Rngs(1))
-    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": 0.2 * jnp.ones((2, 16))},
+    lora_jax.load_nnx_params(model, {"fc1": {"lora_B": 0.2 * jnp.ones((2, 16))},
                                                    "fc2": {"lora_B": -0.1 * jnp.ones((2, 8))}})
     params = lora_jax.nnx_params(model)  # the very same leaves, as a linen param tree
     linen_model = lora_jax.lora(LinenMlp(), config)
@@ -177,7 +177,7 @@ def test_targets_that_match_nothing_list_the_nnx_layers():
 def test_lora_dropout_follows_train_and_eval_modes():
     model = Mlp(nnx.Rngs(0))
     lora_jax.lora(model, LoraConfig(rank=2, alpha=4, targets=("fc1",), dropout=0.5), rngs=nnx.Rngs(1, lora_dropout=2))
-    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": jnp.ones((2, 16))}})
+    lora_jax.load_nnx_params(model, {"fc1": {"lora_B": jnp.ones((2, 16))}})
     x = jnp.ones((3, 10))
     first, second = model(x), model(x)
     assert float(jnp.abs(first - second).max()) > 1e-3  # a fresh mask per call while training
@@ -197,7 +197,7 @@ def test_tied_gpt_merges_exactly_and_lora_step_skips_frozen_weight_gradients():
     small = tiny_gpt()
     config = LoraConfig(rank=4, alpha=8, targets=("embed", "query", "value"))
     lora_jax.lora(small, config, rngs=nnx.Rngs(1))
-    lora_jax.nnx_transform.load_nnx_params(small, {"embed": {"lora_B": 0.1 * jnp.ones((4, 32))}})
+    lora_jax.load_nnx_params(small, {"embed": {"lora_B": 0.1 * jnp.ones((4, 32))}})
     ids = jnp.arange(24).reshape(2, 12) % 64
     np.testing.assert_allclose(lora_jax.merge(small, config)(ids), small(ids), atol=1e-4)
 
@@ -372,7 +372,7 @@ def test_exclude_rank_pattern_and_rslora_behave_as_in_linen():
     model = Mlp(nnx.Rngs(0))
     lora_jax.lora(model, config, rngs=nnx.Rngs(1))
     assert model.fc1.lora_A.shape == (10, 2) and model.fc2.lora_A.shape == (16, 4) and not hasattr(model.fc3, "lora_A")
-    lora_jax.nnx_transform.load_nnx_params(model, {"fc1": {"lora_B": 0.2 * jnp.ones((2, 16))},
+    lora_jax.load_nnx_params(model, {"fc1": {"lora_B": 0.2 * jnp.ones((2, 16))},
                                                    "fc2": {"lora_B": -0.3 * jnp.ones((4, 8))}})
     x = jax.random.normal(jax.random.key(0), (4, 10))
     np.testing.assert_allclose(model(x), lora_jax.lora(LinenMlp(), config).apply(

@@ -313,7 +313,7 @@ def test_nnx_model_matches_peft_both_ways(tmp_path, use_dora):
     adapter = lora_jax.import_peft(tmp_path / "peft", base_params=_flax_base_params(theirs_model.get_base_model()))
 
     model = Kinds(nnx.Rngs(0))
-    lora_jax.nnx_transform.load_nnx_params(model, _flax_base_params(theirs_model.get_base_model()))
+    lora_jax.load_nnx_params(model, _flax_base_params(theirs_model.get_base_model()))
     lora_jax.lora(model, adapter.config, rngs=nnx.Rngs(1))
     lora_jax.apply_adapter(model, adapter)
     ours = model(jnp.asarray(ids), jnp.asarray(np.transpose(img, (0, 2, 3, 1))))

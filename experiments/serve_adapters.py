@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 import lora_jax
 from experiments.bert_absa import LABELS, batches, encode
@@ -55,8 +56,10 @@ def demo_adapters(base_params: dict, model: Any, n: int, example: np.ndarray, ra
 
 
 def slots_for(adapters: list[lora_jax.Adapter]) -> lora_jax.LoraConfig:
-    """One config with room for every adapter: the largest rank, every target, alpha = rank."""
-    rank = max(max(a.config.rank_for(p) for p in a.config.targets) for a in adapters)
+    """One config with room for every adapter: the largest rank of any of their layers, every target,
+    alpha = rank."""
+    rank = max(leaf.shape[-1] for a in adapters for key, leaf in traverse_util.flatten_dict(dict(a.params)).items()
+               if key[-1] == "lora_A")
     targets = tuple(dict.fromkeys(t for a in adapters for t in a.config.targets))
     saved = tuple(dict.fromkeys(m for a in adapters for m in a.config.modules_to_save))
     return lora_jax.LoraConfig(rank=rank, alpha=float(rank), targets=targets, modules_to_save=saved)

@@ -118,11 +118,8 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
     if isinstance(base_params, nnx.Module):  # an NNX model with LoRA: the adapter is written into it in place
         from .nnx_trees import load_nnx_params, nnx_params
 
-        merged = apply_adapter(nnx_params(base_params), adapter, strict=strict)
-        wanted = adapter.params if isinstance(adapter, Adapter) else adapter
-        keys = traverse_util.flatten_dict(dict(wanted)).keys()
-        flat = traverse_util.flatten_dict(merged)
-        return load_nnx_params(base_params, traverse_util.unflatten_dict({k: flat[k] for k in keys}))
+        apply_adapter(nnx_params(base_params), adapter, strict=strict)  # the same checks: fit, base fingerprint
+        return load_nnx_params(base_params, adapter.params if isinstance(adapter, Adapter) else adapter)
     if isinstance(adapter, Adapter):
         adapter_params = adapter.params
     elif isinstance(adapter, Mapping):

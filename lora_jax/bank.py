@@ -44,9 +44,9 @@ def make_bank(params: Params, adapters: Sequence[Adapter], config: LoraConfig) -
     """
     if not adapters:
         raise ValueError("make_bank needs at least one adapter")
-    trainable, _ = partition(params, trainable_mask(params, config))
-    rows = [partition(hotswap_adapter(params, adapter, config), trainable_mask(params, config))[0]
-            for adapter in adapters]
+    mask = trainable_mask(params, config)  # swapping an adapter in keeps every leaf's place and shape
+    trainable, _ = partition(params, mask)
+    rows = [partition(hotswap_adapter(params, adapter, config), mask)[0] for adapter in adapters]
     flat_none = traverse_util.flatten_dict(dict(trainable))
     none = traverse_util.unflatten_dict({k: jnp.zeros_like(v) if k[-1] in ("lora_A", "lora_B") else jnp.asarray(v)
                                          for k, v in flat_none.items()})

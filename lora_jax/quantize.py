@@ -22,7 +22,7 @@ returns the adapted kernels dequantized and merged (plain arrays); PEFT export i
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import jax
 import numpy as np
@@ -113,7 +113,8 @@ def is_quantized(leaf: Any) -> bool:
 
 def unbox_but_quantized(tree: Any) -> Any:
     """Unbox sharding boxes (``nn.Partitioned``), keep quantized kernels boxed (they stay small)."""
-    unbox: Callable[[Any], Any] = lambda x: x if isinstance(x, QuantizedKernel) else x.unbox()
-    return jax.tree.map(lambda x: unbox(x) if isinstance(x, meta.AxisMetadata) else x, tree,
-                        is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+    def unbox(x: Any) -> Any:
+        return x.unbox() if isinstance(x, meta.AxisMetadata) and not isinstance(x, QuantizedKernel) else x
+
+    return jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
 

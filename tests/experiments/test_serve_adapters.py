@@ -22,3 +22,16 @@ def test_rows_must_split_evenly_over_adapter_counts(capsys):
     with pytest.raises(SystemExit):
         serve_adapters.parse_args(["--counts", "3", "--rows", "4"])
     assert "multiple of every --counts value" in capsys.readouterr().err
+
+
+def test_slots_hold_the_largest_rank_of_any_layer_rank_pattern_included():
+    import numpy as np
+
+    import lora_jax
+    from experiments.serve_adapters import slots_for
+
+    plain = lora_jax.Adapter({"enc": {"query": {"lora_A": np.zeros((4, 2)), "lora_B": np.zeros((2, 4))}}},
+                             lora_jax.LoraConfig(rank=2, targets=("query",)))
+    patterned = lora_jax.Adapter({"enc": {"query": {"lora_A": np.zeros((4, 3)), "lora_B": np.zeros((3, 4))}}},
+                                 lora_jax.LoraConfig(rank=2, targets=("query",), rank_pattern={"enc/query": 3}))
+    assert slots_for([plain, patterned]).rank == 3

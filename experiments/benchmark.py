@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import (machine_info, make_parser, output_dir, positive_int, print_table, run_cli, tree_bytes,
+from .common import (CONFIG_MODELS, machine_info, make_parser, output_dir, positive_int, print_table, run_cli, tree_bytes,
                      write_json)
 
 TARGETS = ("query", "value")
@@ -39,12 +39,6 @@ RANK = 8
 REMAT = "dots"  # the experiments' default (per-layer activation checkpointing); 'none' is measured beside it
 # Every worker is a ``python -m experiments.benchmark`` process, so it runs with the XLA flag that
 # ``experiments/__init__.py`` sets (the concurrency-optimised CPU scheduler off).
-# Randomly initialised encoders of a given shape (no download): the bert-base shape, and a tiny one for smoke runs.
-CONFIG_MODELS = {
-    "bert-base-config": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "tiny-config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=2000, max_position_embeddings=64),
-}
 SCALING = {"rank": (1, 4, 16, 64), "seq": (64, 128, 256), "batch": (8, 16, 32)}
 
 
@@ -53,6 +47,25 @@ SCALING = {"rank": (1, 4, 16, 64), "seq": (64, 128, 256), "batch": (8, 16, 32)}
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], steps: int, warmup: int = 2,
@@ -323,8 +336,38 @@ def worker_quantized(args) -> dict[str, Any]:
             **{f"{fmt}_kernel_bytes": kernel_bytes(tree) for fmt, tree in trees.items()}}
 
 
+def worker_quantized_memory(args) -> dict[str, Any]:
+    """Peak RSS of the LoRA step on one base format (``--base-format``), in a process of its own: the
+    fp32 tree is dropped after quantizing, the step compiled and run once, then the peak-RSS window
+    is reset and ``--steps`` steps run; the peak of that window is the step's."""
+    import gc
+
+    import jax
+
+    import lora_jax
+
+    setup = jax_setup(args.model, args.batch, args.seq, args.rank, args.remat)
+    lora_model, config, data = setup[2], setup[4], setup[5]
+    params = setup[3] if args.base_format == "fp32" else lora_jax.quantize(setup[3], config, args.base_format,
+                                                                           layers="all")
+    jax.block_until_ready(params)
+    del setup
+    gc.collect()
+    run = jax_step(lora_model, params, lora_jax.trainable_mask(params, config), data)[0]
+    del params
+    run()  # compile and one step
+    gc.collect()
+    resident = _proc_status_bytes("VmRSS")
+    windowed = reset_peak_rss()
+    for _ in range(args.steps):
+        run()
+    return {"resident_before_steps_bytes": resident, "step_peak_rss_bytes": _proc_status_bytes("VmHWM") if windowed
+            else None, "process_peak_rss_bytes": peak_rss_bytes()}
+
+
 WORKERS = {"train": worker_train, "ratios": worker_ratios, "versus-peft": worker_versus_peft,
-           "peft-memory": worker_peft_memory, "scaling": worker_scaling, "quantized": worker_quantized}
+           "peft-memory": worker_peft_memory, "scaling": worker_scaling, "quantized": worker_quantized,
+           "quantized-memory": worker_quantized_memory}
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -337,7 +380,7 @@ def spawn(task: str, args, **overrides) -> dict[str, Any]:
     if args.in_process:  # one process for everything (a quick check of the harness; peak memories mix)
         return WORKERS[task](argparse.Namespace(**{**vars(args), **settings}))
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", task] + \
-          [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+          [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     print(f"  {task} {' '.join(f'{k}={v}' for k, v in overrides.items())} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -457,6 +500,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=positive_int, default=RANK, help=argparse.SUPPRESS)
     p.add_argument("--remat", default=REMAT, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--base-format", default="fp32", choices=("fp32", "int8", "nf4"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -475,14 +519,19 @@ def _run_quantized(args, out: Path) -> dict[str, Any]:
     rows, report = [], {"machine": machine_info(), "quantized_base": {}}
     for m in models:
         print(f"[{m}] LoRA step on fp32 / int8 / NF4 bases", flush=True)
-        r = spawn("quantized", argparse.Namespace(**{**vars(args), "model": m}))
+        a = argparse.Namespace(**{**vars(args), "model": m})
+        r = spawn("quantized", a)
+        r["memory"] = {fmt: spawn("quantized-memory", a, base_format=fmt) for fmt in ("fp32", "int8", "nf4")}
         report["quantized_base"][m] = r
+        peak = {fmt: r["memory"][fmt]["step_peak_rss_bytes"] or r["memory"][fmt]["process_peak_rss_bytes"]
+                for fmt in r["memory"]}
         for fmt in ("fp32", "int8", "nf4"):
             rows.append([m, fmt, r[f"{fmt}_step_s"], r[f"{fmt}_step_s"] / r["fp32_step_s"],
-                         r[f"{fmt}_kernel_bytes"] / 2**20, r[f"{fmt}_kernel_bytes"] / r["fp32_kernel_bytes"]])
+                         r[f"{fmt}_kernel_bytes"] / 2**20, r[f"{fmt}_kernel_bytes"] / r["fp32_kernel_bytes"],
+                         peak[fmt] / 2**30, peak[fmt] / peak["fp32"]])
     table = print_table("LoRA on a quantized base", ["model", "base", "step s", "step / fp32", "kernel MiB",
-                                                     "kernel bytes / fp32"], rows)
-    report["table"] = table
+                                                     "kernel bytes / fp32", "step peak RSS GiB", "RSS / fp32"], rows)
+    report["table"], report["rows"] = table, rows
     write_json(out / "results.json", report)
     print(f"results: {out / 'results.json'}")
     return report

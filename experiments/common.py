@@ -18,6 +18,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
+# Randomly initialised encoders of a given shape (no download): the bert-base shape, and a tiny one for smoke runs.
+CONFIG_MODELS = {
+    "bert-base-config": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny-config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=2000, max_position_embeddings=64),
+}
+
 # ----------------------------------------------------------------------------------- command line
 
 

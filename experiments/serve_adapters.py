@@ -27,8 +27,20 @@ from flax import traverse_util
 
 import lora_jax
 from experiments.bert_absa import LABELS, batches, encode
-from experiments.common import int_list, make_parser, output_dir, positive_int, print_table, run_cli, write_json
-from lora_jax.models import PACKAGED_MINILM, from_pretrained
+from experiments.common import CONFIG_MODELS, int_list, make_parser, output_dir, positive_int, print_table, run_cli, write_json
+from lora_jax.models import PACKAGED_MINILM, BertConfig, BertForSequenceClassification, from_pretrained
+
+TIMING_MODELS = ("served", *CONFIG_MODELS)
+
+
+def model_list(text: str) -> list[str]:
+    """'served,bert-base-config' -> a list of known timing bases (argparse type)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TIMING_MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(TIMING_MODELS)}; "
+                                         f"got {text!r}")
+    return names
 
 ROWS = [("The battery life is amazing but the camera is terrible.", "battery life"),
         ("The battery life is amazing but the camera is terrible.", "camera"),
@@ -55,6 +67,25 @@ def demo_adapters(base_params: dict, model: Any, n: int, example: np.ndarray, ra
     return adapters
 
 
+def load_adapters(paths: list[str], base_params: dict) -> tuple[list[lora_jax.Adapter], str]:
+    """The adapters at ``paths`` and the base format they were trained on ('none', 'int8', 'nf4', from
+    ``bert_absa train --quantize``); each is checked to fit ``base_params`` stored that way and to
+    have been trained on it."""
+    adapters = [lora_jax.load_adapter(path) for path in paths]
+    formats = sorted({a.metadata.get("quantize", "none") for a in adapters})
+    if len(formats) > 1:
+        raise ValueError(f"the adapters were trained on bases stored differently ({', '.join(formats)}); "
+                         f"serve each kind from a run of its own")
+    for path, adapter in zip(paths, adapters):
+        base = base_params if formats[0] == "none" else lora_jax.quantize(base_params, adapter.config, formats[0],
+                                                                          layers="all")
+        try:
+            lora_jax.apply_adapter(base, adapter)  # the checks only: it fits, and this is its base
+        except ValueError as err:
+            raise ValueError(f"adapter {path}: {err}") from None
+    return adapters, formats[0]
+
+
 def slots_for(adapters: list[lora_jax.Adapter]) -> lora_jax.LoraConfig:
     """One config with room for every adapter: the largest rank of any of their layers, every target,
     alpha = rank."""
@@ -69,13 +100,16 @@ def classify(args: argparse.Namespace) -> tuple[list[dict], Any]:
     model, base_params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS))
     example = jnp.ones((1, 8), jnp.int32)
     if args.adapters:
-        adapters = [lora_jax.load_adapter(path, base_params) for path in args.adapters]
+        adapters, base_format = load_adapters(args.adapters, base_params)
         names = [Path(p).parent.name if Path(p).name == "adapter" else Path(p).name for p in args.adapters]
     else:
         adapters, names = demo_adapters(base_params, model, 3, example), ["demo0", "demo1", "demo2"]
+        base_format = "none"
     config = slots_for(adapters)
     served = lora_jax.lora(model, config)
     params = lora_jax.init_lora_params(served, base_params, jax.random.key(0), example)
+    if base_format != "none":  # the adapters were trained on a quantized base (bert_absa --quantize): serve on it
+        params = lora_jax.quantize(params, config, base_format, layers="all")
     bank = lora_jax.make_bank(params, adapters, config)
     index = np.array([i % (len(adapters) + 1) - 1 for i in range(len(ROWS))])  # -1, 0, 1, ..., cycling
     encoded = encode(ROWS, tokenizer, 64)
@@ -141,21 +175,32 @@ def throughput(model: Any, base_params: dict, counts: list[int], rows: int, seq:
     return out
 
 
-def plot(results: list[dict], path: Path) -> None:
+def timing_base(name: str, model: Any, base_params: dict) -> tuple[Any, dict]:
+    """The base to time on: the served model itself ('served'), or a randomly initialised encoder of a
+    known shape (``CONFIG_MODELS``: 'bert-base-config', 'tiny-config'; no download)."""
+    if name == "served":
+        return model, base_params
+    config = BertConfig(num_labels=len(LABELS), **CONFIG_MODELS[name])
+    big = BertForSequenceClassification(config)
+    return big, jax.jit(big.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = [r["adapters"] for r in results]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(n, [r["mixed_rows_per_s"] for r in results], "o-", label="one mixed batch (bank)")
-    ax.plot(n, [r["each_rows_per_s"] for r in results], "s--", label="one forward per adapter")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("adapters in the batch")
-    ax.set_ylabel("rows / s")
-    ax.set_title(f"{results[0]['rows']} rows x {results[0]['seq']} tokens")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.6), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], results.items()):
+        n = [r["adapters"] for r in rows]
+        ax.plot(n, [r["mixed_rows_per_s"] for r in rows], "o-", label="one mixed batch (bank)")
+        ax.plot(n, [r["each_rows_per_s"] for r in rows], "s--", label="one forward per adapter")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("adapters in the batch")
+        ax.set_ylabel("rows / s")
+        ax.set_title(f"{name}: {rows[0]['rows']} rows x {rows[0]['seq']} tokens")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -166,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapters", nargs="*", default=None, help="adapter folders from bert_absa train (default: "
                         "3 untrained demo adapters)")
     parser.add_argument("--model", default=PACKAGED_MINILM, help="base model (hub id or folder) for demo adapters")
+    parser.add_argument("--timing-models", type=model_list, default=["served"],
+                        help="comma-separated bases to time: 'served' (the --model), 'bert-base-config' (a random "
+                             "encoder of the bert-base shape), 'tiny-config'")
     parser.add_argument("--counts", type=int_list, default=[1, 4, 16, 64], help="adapter counts N to time")
     parser.add_argument("--rows", type=positive_int, default=64, help="rows per timed batch (a multiple of each N)")
     parser.add_argument("--seq", type=positive_int, default=64, help="tokens per timed row")
@@ -185,11 +233,18 @@ def main(argv: list[str] | None = None) -> dict:
         rows, (model, base_params) = classify(args)
         report: dict[str, Any] = {"predictions": rows, "adapters": args.adapters or "demo"}
         if not args.no_timing:
-            report["throughput"] = throughput(model, base_params, args.counts, args.rows, args.seq, args.repeats)
-            print_table("throughput", ["adapters", "mixed batch s", "N forwards s", "mixed rows/s", "N forwards rows/s",
-                                       "mixed / N forwards (time)"],
-                        [[r["adapters"], r["mixed_s"], r["each_s"], round(r["mixed_rows_per_s"]),
-                          round(r["each_rows_per_s"]), r["mixed_over_each_time"]] for r in report["throughput"]])
+            report["throughput"] = {}
+            for name in args.timing_models:
+                label = Path(args.model).name if name == "served" else name
+                print(f"[{label}] one mixed batch vs one forward per adapter", flush=True)
+                timed_model, timed_params = timing_base(name, model, base_params)
+                report["throughput"][label] = throughput(timed_model, timed_params, args.counts, args.rows, args.seq,
+                                                         args.repeats)
+            print_table("throughput", ["base", "adapters", "mixed batch s", "N forwards s", "mixed rows/s",
+                                       "N forwards rows/s", "mixed / N forwards (time)"],
+                        [[label, r["adapters"], r["mixed_s"], r["each_s"], round(r["mixed_rows_per_s"]),
+                          round(r["each_rows_per_s"]), r["mixed_over_each_time"]]
+                         for label, rows in report["throughput"].items() for r in rows])
             plot(report["throughput"], out / "throughput.png")
         write_json(out / "results.json", report)
         print(f"results: {out / 'results.json'}")

@@ -24,7 +24,7 @@ from .merge import merge, unmerge
 from .nnx_trees import load_nnx_params, nnx_params
 from .nnx_transform import nnx_functional, nnx_trainable
 from .optim import lora_plus, lora_plus_labels
-from .quantize import QuantizedKernel, quantize
+from .quantize import QuantizedKernel, QuantizedParam, merge_requantized, quantize
 from .peft_io import export_peft, import_peft
 from .summary import count_parameters, print_trainable_parameters, trainable_summary
 from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
@@ -52,6 +52,7 @@ __all__ = [
     "LoraConfig",
     "LoraModule",
     "QuantizedKernel",
+    "QuantizedParam",
     "TrainState",
     "TrainStep",
     "combine",
@@ -76,6 +77,7 @@ __all__ = [
     "partition",
     "print_trainable_parameters",
     "quantize",
+    "merge_requantized",
     "trainable_mask",
     "trainable_summary",
     "unmerge",

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import meta
 
 from .config import LoraConfig
 from .core import kinds
@@ -105,7 +106,7 @@ def _weight(module: Any, kind: str) -> Array:
     return (module.embedding if kind == "embed" else module.kernel)[...]
 
 
-def _expected_ndim(module: Any, kind: str) -> int:
+def one_layer_ndim(module: Any, kind: str) -> int:
     """The rank of one layer's weight (a module made under nnx.vmap holds more, stacked in front)."""
     if kind == "dense_general":
         return len(module.in_features) + len(module.out_features)
@@ -119,7 +120,7 @@ def _expected_ndim(module: Any, kind: str) -> int:
 def _adapt(module: Any, kind: str, where: str, config: LoraConfig, rngs: nnx.Rngs) -> None:
     rank = config.rank_for(where)
     weight = _weight(module, kind)
-    n_stack = weight.ndim - _expected_ndim(module, kind)  # leading axes of layers made under nnx.vmap / scan
+    n_stack = weight.ndim - one_layer_ndim(module, kind)  # leading axes of layers made under nnx.vmap / scan
     stack = tuple(weight.shape[:n_stack])
     one_layer = weight[(0,) * n_stack]
     plan = _plan(module, kind, where, rank, None, weight=one_layer)
@@ -269,7 +270,11 @@ def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
         scaled = layer_config.scale * kinds.delta(a, b, tuple(weight.shape))
         leaves = {name: getattr(module, name)[...] for name in layer_config.variant.leaves}
         new = layer_config.variant.merge(weight.astype(jnp.float32), scaled, leaves).astype(weight.dtype)
-        (module.embedding if kind == "embed" else module.kernel)[...] = new
+        variable = module.embedding if kind == "embed" else module.kernel
+        if isinstance(variable.get_raw_value(), meta.AxisMetadata):  # a stored box (quantized): a plain param now
+            setattr(module, "embedding" if kind == "embed" else "kernel", nnx.Param(new))
+        else:
+            variable[...] = new
         for name in ("lora_A", "lora_B", *layer_config.variant.leaves, "lora_config", "lora_path", "lora_rngs",
                      "deterministic"):
             delattr(module, name)
@@ -304,7 +309,8 @@ def nnx_functional(model: nnx.Module) -> tuple[Any, dict]:
             found.add(names)
             return flat.get(names, leaf)
 
-        copy = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(pick, state))
+        copy = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(  # a box (quantized kernel) is one leaf
+            pick, state, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)))
         unknown = sorted("/".join(k) for k in flat.keys() - found)
         if unknown:
             raise ValueError(f"params {unknown[:5]} are not variables of this NNX model")

@@ -7,13 +7,15 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx, traverse_util
+from flax.core import meta
 
 from .targets import path_str
 
 
 def nnx_params(model: nnx.Module) -> dict:
-    """The model's ``nnx.Param`` leaves (LoRA params included) as a nested dict with string keys, the
-    layout of a linen param tree: what masking, adapters, checkpoints and PEFT export read. Flax's
+    """The model's ``nnx.Param`` leaves (LoRA params included) and quantized kernels (as their
+    ``QuantizedKernel`` boxes) as a nested dict with string keys, the layout of a linen param tree:
+    what masking, adapters, checkpoints and PEFT export read. Flax's
     own ``nnx.LoRALinear`` layers are read the same way: their ``lora/lora_a`` and ``lora/lora_b``
     appear as ``lora_A`` / ``lora_B`` beside the kernel (they apply no scale: describe them with a
     config whose alpha equals its rank).
@@ -26,6 +28,12 @@ def nnx_params(model: nnx.Module) -> dict:
     {'layers': {'0': {'bias': (2,), 'kernel': (3, 2)}}}
     """
     params = _string_keys(nnx.state(model, nnx.Param).to_pure_dict())
+    for path, variable in nnx.iter_graph(model):  # a frozen stored box (a quantized kernel): boxed, not read out
+        if isinstance(variable, nnx.Variable) and isinstance(variable.get_raw_value(), meta.AxisMetadata):
+            node = params
+            for key in path[:-1]:
+                node = node.setdefault(str(key), {})
+            node[str(path[-1])] = variable.get_raw_value()
     for path, module in nnx.iter_modules(model):  # flax's own nnx.LoRALinear: its lora/lora_a, lora/lora_b
         if isinstance(module, nnx.LoRALinear) and path:
             node = params

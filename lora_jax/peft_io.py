@@ -12,6 +12,7 @@ module paths are the torch paths with '/' for '.'.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -25,7 +26,7 @@ from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_
 from .config import LoraConfig
 from .nnx_trees import as_param_tree
 from .safetensors_io import read_safetensors
-from .targets import REGEX_PREFIX
+from .targets import REGEX_PREFIX, matches
 
 Params = Mapping[str, Any]
 PREFIX = "base_model.model."
@@ -101,6 +102,41 @@ def _factors_to_torch(name: str, layout: str, a: np.ndarray, b: np.ndarray) -> d
     return {f"{name}.lora_A.weight": a.reshape(-1, rank).T, f"{name}.lora_B.weight": b_flat.T}
 
 
+def _axis_orders(path: str, flatten_order: Mapping[str, Mapping[str, Any]] | None) -> tuple[Any, Any]:
+    """The ('in', 'out') axis orders ``flatten_order`` gives the layer at ``path`` (None: the kernel's own)."""
+    for pattern, orders in (flatten_order or {}).items():
+        if matches(pattern, path):
+            if not isinstance(orders, Mapping) or set(orders) - {"in", "out"}:
+                raise ValueError(f"flatten_order[{pattern!r}] must be a mapping with keys 'in' and/or 'out' "
+                                 f"(axis orders), got {orders!r}")
+            return orders.get("in"), orders.get("out")
+    return None, None
+
+
+def _split_axes(kernel_shape: tuple[int, ...], n_in: int, path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A Dense/DenseGeneral kernel's (input axes, output axes): the first axes whose sizes multiply to ``n_in``."""
+    for k in range(1, len(kernel_shape)):
+        if math.prod(kernel_shape[:k]) == n_in:
+            return tuple(kernel_shape[:k]), tuple(kernel_shape[k:])
+    raise ValueError(f"layer '{path}': kernel {kernel_shape} does not split into {n_in} inputs")
+
+
+def _reorder(flat: np.ndarray, axes: tuple[int, ...], order: Any, rank_first: bool, inverse: bool, what: str) -> np.ndarray:
+    """A factor's flattened non-rank axis viewed as ``axes`` and flattened again in ``order`` (a
+    permutation of the axes; ``inverse``: back from that order to the kernel's)."""
+    if order is None:
+        return flat
+    order = tuple(order)
+    if sorted(order) != list(range(len(axes))):
+        raise ValueError(f"{what}: flatten order {order} is not a permutation of the layer's {len(axes)} axes {axes}")
+    rank = flat.shape[0] if rank_first else flat.shape[-1]
+    shape = tuple(axes[i] for i in order) if inverse else axes
+    perm = tuple(int(i) for i in (np.argsort(order) if inverse else order))
+    if rank_first:
+        return flat.reshape((rank,) + shape).transpose((0,) + tuple(1 + i for i in perm)).reshape(rank, -1)
+    return flat.reshape(shape + (rank,)).transpose(perm + (len(perm),)).reshape(-1, rank)
+
+
 def _torch_layout(value: np.ndarray) -> np.ndarray:
     """Our layout -> torch's: (in, out) -> (out, in); conv (kh, kw, in, out) -> (out, in, kh, kw)."""
     return value.T if value.ndim == 2 else np.transpose(value, (3, 2, 0, 1))
@@ -119,7 +155,8 @@ def _to_torch(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
 
 
 def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_model_name_or_path: str | None = None,
-                task_type: str | None = None, *, name_map: Mapping[str, str] | None = None) -> Path:
+                task_type: str | None = None, *, name_map: Mapping[str, str] | None = None,
+                flatten_order: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Write ``params``' adapter as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
 
     ``params`` is the full LoRA param tree (the base leaves tell layer kinds apart); its paths must
@@ -133,6 +170,12 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
       name_map: {regex on our module path: torch module name}, for models whose flax names differ
         from the torch ones, and where a stacked (``nn.scan``) layer's index goes (``{i}``); see
         ``torch_module_name``. Stacked layers are written one torch module per layer.
+      flatten_order: {layer pattern: {'in': axes, 'out': axes}} for DenseGeneral layers whose torch
+        Linear orders its flattened inputs or outputs differently: by default the kernel's input
+        axes, and its output axes, are each flattened in C order (a q kernel (dim, heads, head_dim)
+        gives output ``h * head_dim + d``, as a torch Linear whose output is viewed as
+        (heads, head_dim)); ``{'q': {'out': (1, 0)}}`` flattens as (head_dim, heads) instead.
+        ``import_peft`` takes the same mapping.
 
     Returns:
       ``directory`` as a Path.
@@ -161,13 +204,24 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
             a, b = value, adapter[module + ("lora_B",)]
             layout, stacked = _layout(flat, module, a, b)
             magnitude = adapter.get(module + ("lora_magnitude",))
+            order_in, order_out = _axis_orders(path, flatten_order)
+            if (order_in, order_out) != (None, None) and layout != "linear":
+                raise ValueError(f"flatten_order: layer '{path}' is a{'n' if layout[0] in 'ae' else ''} {layout} "
+                                 f"layer; flatten orders apply to Dense / DenseGeneral layers")
             for index in (range(stacked) if stacked else (None,)):
                 a_i, b_i = (a, b) if index is None else (a[index], b[index])
+                if layout == "linear" and (order_in, order_out) != (None, None):
+                    kernel = flat[module + ("kernel",)].shape[1 if index is not None else 0:]
+                    ins, outs = _split_axes(tuple(kernel), a_i.shape[0], path)
+                    a_i = _reorder(a_i, ins, order_in, False, False, f"layer '{path}' inputs")
+                    b_i = _reorder(b_i, outs, order_out, True, False, f"layer '{path}' outputs")
                 name = torch_module_name(path, name_map, index)
                 ranks[name] = a_i.shape[-1]
                 tensors.update(_factors_to_torch(PREFIX + name, layout, a_i, b_i))
                 if magnitude is not None:
                     m = magnitude if index is None else magnitude[index]
+                    if layout == "linear" and order_out is not None:
+                        m = _reorder(m.reshape(1, -1), outs, order_out, True, False, f"layer '{path}' outputs")
                     n_out = m.shape[-1]
                     tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.reshape(
                         (1, n_out, 1, 1) if layout == "conv" else (-1,))
@@ -253,14 +307,16 @@ def _check_lora_shapes(out: dict, config: LoraConfig, weights: Path) -> None:
 
 
 def import_peft(directory: str | Path, base_params: Params | None = None, *,
-                name_map: Mapping[str, str] | None = None) -> Adapter:
+                name_map: Mapping[str, str] | None = None,
+                flatten_order: Mapping[str, Mapping[str, Any]] | None = None) -> Adapter:
     """Read a PEFT LoRA folder (ours or PEFT's own) into an Adapter (params in our layout + LoraConfig).
 
     ``base_params`` (the model's param tree) resolves modules_to_save leaves exactly (kernel vs
     embedding vs LayerNorm scale), maps torch module names to ours (``name_map`` as for
     ``export_peft``), restacks per-layer modules of a scanned stack and reshapes DenseGeneral and
     Einsum factors into their layouts (Einsum needs the LoRA model's params, e.g. from
-    ``init_lora_params``, whose lora_A / lora_B give the layout). Without it, names are read as ours
+    ``init_lora_params``, whose lora_A / lora_B give the layout; ``flatten_order`` as for
+    ``export_peft``). Without it, names are read as ours
     with '.' for '/', 2-D ``weight`` as a Dense kernel and 1-D as a LayerNorm scale. Modules the
     model does not have are named in the error of ``apply_adapter``.
     """
@@ -288,7 +344,9 @@ def import_peft(directory: str | Path, base_params: Params | None = None, *,
             leaf = _our_leaf(module, parts[-1], value, flat_base)
             out[module + (leaf,)] = _our_layout(value) if leaf == "kernel" else value
     if flat_base is not None:
-        out, config = _to_our_modules(out, config, flat_base, name_map)
+        out, config = _to_our_modules(out, config, flat_base, name_map, flatten_order)
+    elif flatten_order:
+        raise ValueError("import_peft: flatten_order needs base_params (the kernels give each layer's axes)")
     _check_lora_shapes(out, config, weights)
     params = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in out.items()})
     check_targets_cover(params, config, source=str(directory))
@@ -299,7 +357,8 @@ def import_peft(directory: str | Path, base_params: Params | None = None, *,
     return Adapter(params, config, meta)
 
 
-def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Mapping[str, str] | None):
+def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Mapping[str, str] | None,
+                    flatten_order: Mapping[str, Mapping[str, Any]] | None = None):
     """Torch-named factors -> ours, through the names ``export_peft`` would give each layer of the
     model: per-layer modules of a stack are stacked again, Linear factors take the layer's layout."""
     names: dict[str, tuple[tuple[str, ...], int | None, str | None]] = {}
@@ -324,7 +383,12 @@ def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Ma
         module, index, layout = names[torch_name]
         if leaf in ("lora_A", "lora_B", "lora_magnitude") and layout is not None and module + (leaf,) in flat_base:
             like = tuple(flat_base[module + (leaf,)].shape)
-            value = _into_layout(value, leaf, layout, like[1:] if index is not None else like)
+            like = like[1:] if index is not None else like
+            order_in, order_out = _axis_orders("/".join(module), flatten_order)
+            if layout == "linear" and (order_in, order_out) != (None, None) and module + ("kernel",) in flat_base:
+                kernel = tuple(flat_base[module + ("kernel",)].shape)[1 if index is not None else 0:]
+                value = _from_torch_order(value, leaf, kernel, order_in, order_out, "/".join(module))
+            value = _into_layout(value, leaf, layout, like)
         if index is None:
             result[module + (leaf,)] = value
         else:
@@ -334,6 +398,18 @@ def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Ma
     by_torch = {name: "/".join(module) for name, (module, _, _) in names.items()}
     targets = tuple(dict.fromkeys(by_torch.get(t.replace("/", "."), t) for t in config.targets))
     return result, config.replace(targets=targets)
+
+
+def _from_torch_order(value: np.ndarray, leaf: str, kernel: tuple[int, ...], order_in: Any, order_out: Any,
+                      path: str) -> np.ndarray:
+    """A Linear factor as read from PEFT (A (in, r), B (r, out), magnitude (1, out)), its flattened
+    axes put back from ``flatten_order``'s order into the kernel's."""
+    n_in = value.shape[0] if leaf == "lora_A" else math.prod(kernel) // value.shape[-1]
+    ins, outs = _split_axes(tuple(kernel), n_in, path)
+    if leaf == "lora_A":
+        return _reorder(value, ins, order_in, False, True, f"layer '{path}' inputs")
+    flat = value.reshape(1, -1) if leaf == "lora_magnitude" else value
+    return _reorder(flat, outs, order_out, True, True, f"layer '{path}' outputs").reshape(value.shape)
 
 
 def _into_layout(value: np.ndarray, leaf: str, layout: str, like: tuple[int, ...]) -> np.ndarray:

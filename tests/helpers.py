@@ -125,3 +125,26 @@ def served_mlp_and_adapters(x):
         own_params["fc3"]["kernel"] = own_params["fc3"]["kernel"] + 0.2 * (i + 1)
         adapters.append((own, own_params, lora_jax.extract_adapter(own_params, config)))
     return served, slots, params, adapters
+
+
+def stacked_nnx_linears(features: int, layers: int = 3):
+    """An NNX model of ``layers`` Linear layers made under ``nnx.vmap`` (kernel (layers, f, f)) and
+    run under ``nnx.scan``: h -> tanh(layer(h)), layer by layer."""
+    from flax import nnx
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return nnx.Linear(features, features, rngs=nnx.Rngs(key))
+
+    class Stacked(nnx.Module):
+        def __init__(self):
+            self.layers = make(jax.random.split(jax.random.key(0), layers))
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(h, layer):
+                return jnp.tanh(layer(h))
+
+            return run(x, self.layers)
+
+    return Stacked()

@@ -13,6 +13,7 @@ from flax import nnx
 
 import lora_jax
 from lora_jax import LoraConfig
+from tests.helpers import stacked_nnx_linears
 from tests.test_layers import ALPHA, CASES, RANK, SCALE, _dora_expected
 
 NNX_LAYERS = {
@@ -226,23 +227,8 @@ def test_tied_gpt_merges_exactly_and_lora_step_skips_frozen_weight_gradients():
 def test_stacked_layers_made_under_vmap_run_under_scan_and_merge_exactly():
     """One adapter per stacked layer (A (L, in, r)); inside nnx.scan each step sees its own layer's factors."""
 
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(key):
-        return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
-
-    class Stacked(nnx.Module):
-        def __init__(self):
-            self.layers = make(jax.random.split(jax.random.key(0), 3))
-
-        def __call__(self, x):
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-            def run(h, layer):
-                return jnp.tanh(layer(h))
-
-            return run(x, self.layers)
-
     for use_dora in (False, True):
-        model = Stacked()
+        model = stacked_nnx_linears(4)
         x = jax.random.normal(jax.random.key(1), (2, 4))
         before = model(x)
         config = LoraConfig(rank=2, alpha=4, targets=("layers",), use_dora=use_dora)

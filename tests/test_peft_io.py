@@ -348,7 +348,8 @@ def _flax_gpt():
     return Gpt()
 
 
-def _torch_gpt():
+def _torch_gpt(q_dim_major: bool = False):
+    """``q_dim_major``: q's Linear orders its outputs (head_dim, heads), not (heads, head_dim)."""
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -356,7 +357,8 @@ def _torch_gpt():
 
         def forward(self, h):
             b, t, _ = h.shape
-            q, v = self.q(h).view(b, t, 2, 4), self.v(h).view(b, t, 2, 4)
+            q = self.q(h).view(b, t, 4, 2).transpose(2, 3) if q_dim_major else self.q(h).view(b, t, 2, 4)
+            v = self.v(h).view(b, t, 2, 4)
             return h + torch.tanh(self.o((q * v).reshape(b, t, 8)))
 
     class Gpt(torch.nn.Module):
@@ -372,29 +374,38 @@ def _torch_gpt():
     return Gpt()
 
 
-def _torch_gpt_with(flax_params):
-    """The torch twin carrying the flax base weights: each kernel flattened (in..., out...) -> (out, in)."""
-    twin, p = _torch_gpt(), flax_params
+def _torch_gpt_with(flax_params, q_dim_major: bool = False):
+    """The torch twin carrying the flax base weights: each kernel flattened (in..., out...) -> (out, in)
+    (q's outputs as (head_dim, heads) with ``q_dim_major``)."""
+    twin, p = _torch_gpt(q_dim_major), flax_params
     state = {"head.weight": np.asarray(p["head"]["kernel"]).T, "head.bias": np.asarray(p["head"]["bias"])}
     for i in range(2):
         for name in ("q", "v", "o"):
-            state[f"blocks.{i}.{name}.weight"] = np.asarray(p["blocks"][name]["kernel"][i]).reshape(8, 8).T
+            kernel = np.asarray(p["blocks"][name]["kernel"][i])
+            kernel = kernel.transpose(0, 2, 1) if name == "q" and q_dim_major else kernel
+            state[f"blocks.{i}.{name}.weight"] = kernel.reshape(8, 8).T
         for name in ("q", "o"):
-            state[f"blocks.{i}.{name}.bias"] = np.asarray(p["blocks"][name]["bias"][i]).reshape(8)
+            bias = np.asarray(p["blocks"][name]["bias"][i])
+            state[f"blocks.{i}.{name}.bias"] = (bias.T if name == "q" and q_dim_major else bias).reshape(8)
     twin.load_state_dict({k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()})
     return twin.eval()
+
+
+def _gpt_with_adapter():
+    """(x, config, LoRA params with a random adapter, our output) for the GPT-style flax model."""
+    x = np.random.RandomState(0).randn(2, 5, 8).astype(np.float32)
+    config = LoraConfig(rank=2, alpha=4, targets=("q", "v", "o"))
+    model = lora_jax.lora(_flax_gpt(), config)
+    params = randomize_lora(model.init(jax.random.key(0), jnp.asarray(x))["params"], scale=0.3)
+    return x, config, params, np.asarray(model.apply({"params": params}, jnp.asarray(x)))
 
 
 @needs_torch
 def test_gpt_twin_with_dense_general_einsum_and_scanned_blocks_matches_peft_both_ways(tmp_path):
     import warnings
 
-    x = np.random.RandomState(0).randn(2, 5, 8).astype(np.float32)
-    config = LoraConfig(rank=2, alpha=4, targets=("q", "v", "o"))
-    model = lora_jax.lora(_flax_gpt(), config)
-    params = randomize_lora(model.init(jax.random.key(0), jnp.asarray(x))["params"], scale=0.3)
+    x, config, params, ours = _gpt_with_adapter()
     assert params["blocks"]["v"]["lora_A"].shape == (2, 8, 1, 1, 2)  # stacked einsum factors
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
     lora_jax.export_peft(tmp_path / "ours", params, config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -418,6 +429,39 @@ def test_gpt_twin_with_dense_general_einsum_and_scanned_blocks_matches_peft_both
         {"params": lora_jax.apply_adapter(params, adapter)}, jnp.asarray(x)))
     print(f"GPT twin, PEFT's adapter imported: max |diff| = {np.abs(mine - theirs).max():.2e}")
     np.testing.assert_allclose(mine, theirs, atol=1e-4)
+
+
+@needs_torch
+def test_flatten_order_matches_a_torch_linear_with_other_output_order_both_ways(tmp_path):
+    x, config, params, ours = _gpt_with_adapter()
+    order = {"q": {"out": (1, 0)}}  # torch's q outputs: (head_dim, heads)
+    twin = _torch_gpt_with(params, q_dim_major=True)
+    with torch.no_grad():
+        assert np.abs(twin(torch.tensor(x)).numpy() - ours).max() > 1e-3  # the adapter matters here
+    lora_jax.export_peft(tmp_path / "ours", params, config, flatten_order=order)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(twin, str(tmp_path / "ours")).eval()(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    lora_jax.export_peft(tmp_path / "default", params, config)  # the default order is wrong for this twin
+    with torch.no_grad():
+        wrong = peft.PeftModel.from_pretrained(_torch_gpt_with(params, q_dim_major=True), str(tmp_path / "default"))(
+            torch.tensor(x)).numpy()
+    assert np.abs(wrong - ours).max() > 1e-3
+
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(_torch_gpt_with(params, q_dim_major=True), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q", "v", "o"], init_lora_weights=False)).eval()
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(x)).numpy()
+    adapter = lora_jax.import_peft(tmp_path / "theirs", base_params=params, flatten_order=order)
+    mine = np.asarray(lora_jax.lora(_flax_gpt(), adapter.config).apply(
+        {"params": lora_jax.apply_adapter(params, adapter)}, jnp.asarray(x)))
+    np.testing.assert_allclose(mine, theirs, atol=1e-4)
+    with pytest.raises(ValueError, match="not a permutation"):
+        lora_jax.export_peft(tmp_path / "bad", params, config, flatten_order={"q": {"out": (0, 0)}})
+    with pytest.raises(ValueError, match="apply to Dense / DenseGeneral"):
+        lora_jax.export_peft(tmp_path / "bad", params, config, flatten_order={"v": {"in": (0,)}})
 
 
 def test_name_map_bridges_flax_and_torch_module_names(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import lora_jax
 from experiments.mlp import MLP
 from lora_jax import LoraConfig
-from tests.helpers import randomize_lora
+from lora_jax.core import quant
+from tests.helpers import randomize_lora, stacked_nnx_linears
 
 
 def _setup():
@@ -63,3 +64,104 @@ def test_nf4_bytes_and_layer_selection():
         lora_jax.quantize(params, config, "int4")
     with pytest.raises(ValueError, match="no kernel matched"):
         lora_jax.quantize(params, config.replace(targets=("nothing",)), "int8")
+
+
+def test_nnx_model_quantized_in_place_trains_only_the_adapter_and_merges_to_plain_params():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1, self.fc2 = nnx.Linear(64, 32, rngs=rngs), nnx.Linear(32, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jax.nn.relu(self.fc1(x)))
+
+    config = LoraConfig(rank=4, alpha=8, targets=("fc1",), modules_to_save=("fc2",))
+    model = lora_jax.lora(Net(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+    model.fc1.lora_B[...] = 0.2 * jax.random.normal(jax.random.key(2), (4, 32))
+    kernel = np.asarray(model.fc1.kernel[...])
+    codes = quant.quantize_nf4(kernel)
+    assert lora_jax.quantize(model, config, "nf4") is model
+    assert isinstance(model.fc1.kernel, lora_jax.QuantizedParam) and type(model.fc2.kernel) is nnx.Param
+    assert not isinstance(model.fc1.kernel, nnx.Param)  # frozen: full fine-tuning over nnx.Param leaves it alone
+    x = np.asarray(jax.random.normal(jax.random.key(3), (8, 64)))
+
+    def by_hand(w1):  # numpy: the dequantized kernel, the adapter at scale alpha / r = 2
+        a, b = np.asarray(model.fc1.lora_A[...]), np.asarray(model.fc1.lora_B[...])
+        h = np.maximum(x @ w1 + np.asarray(model.fc1.bias[...]) + 2.0 * (x @ a) @ b, 0)
+        return h @ np.asarray(model.fc2.kernel[...]) + np.asarray(model.fc2.bias[...])
+
+    dequantized = np.asarray(quant.dequantize_nf4(codes))
+    np.testing.assert_allclose(model(x), by_hand(dequantized), atol=1e-4)
+    assert isinstance(lora_jax.nnx_params(model)["fc1"]["kernel"], lora_jax.QuantizedKernel)  # not read out
+
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=lora_jax.nnx_trainable(model, config))
+    loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), jnp.arange(8) % 3).mean()
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, lora_jax.nnx_trainable(model, config)))(model)
+    optimizer.update(model, grads)
+    jax.tree.map(np.testing.assert_array_equal, model.fc1.kernel.get_raw_value().weight, codes)
+    merged = lora_jax.merge(model, config)
+    assert type(merged.fc1) is nnx.Linear and type(merged.fc1.kernel) is nnx.Param
+    np.testing.assert_allclose(merged(x), model(x), atol=1e-4)
+
+
+def test_stacked_layers_quantize_one_by_one_and_run_under_scan():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return jnp.tanh(nn.Dense(16, name="fc")(h)), None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return blocks(name="blocks")(x, None)[0]
+
+    config = LoraConfig(rank=2, targets=("fc",))
+    model = lora_jax.lora(Net(), config)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, 16)))
+    params = randomize_lora(model.init(jax.random.key(1), x)["params"], scale=0.3)
+    p = {k: np.asarray(v) for k, v in params["blocks"]["fc"].items()}
+    for fmt, quantize_one, dequantize_one in (("nf4", quant.quantize_nf4, quant.dequantize_nf4),
+                                              ("int8", quant.quantize_int8, quant.dequantize_int8)):
+        small = lora_jax.quantize(params, config, fmt, stacked=("blocks",))
+        assert small["blocks"]["fc"]["kernel"].shape == (3, 16, 16)
+        h = x
+        for i in range(3):  # each layer quantized on its own, by hand
+            w = np.asarray(dequantize_one(quantize_one(p["kernel"][i])))
+            h = np.tanh(h @ w + p["bias"][i] + config.scale * (h @ p["lora_A"][i]) @ p["lora_B"][i])
+        np.testing.assert_allclose(model.apply({"params": small}, x), h, atol=1e-5)
+    with pytest.raises(ValueError, match="too few axes"):
+        lora_jax.quantize({"fc": {"kernel": jnp.ones((4, 4))}}, config, "nf4", stacked=("fc",))
+
+    stacked = stacked_nnx_linears(16)
+    kernels, bias = np.asarray(stacked.layers.kernel[...]), np.asarray(stacked.layers.bias[...])
+    lora_jax.quantize(stacked, config.replace(targets=("layers",)), "nf4")
+    h = x
+    for i in range(3):
+        h = np.tanh(h @ np.asarray(quant.dequantize_nf4(quant.quantize_nf4(kernels[i])))
+                    + bias[i])
+    np.testing.assert_allclose(stacked(x), h, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_merge_requantized_reports_the_error_it_adds(fmt):
+    config, model, params, x = _setup()
+    small = lora_jax.quantize(params, config, fmt)
+    merged, error = lora_jax.merge_requantized(small, config)
+    box = merged["fc1"]["kernel"]
+    assert isinstance(box, lora_jax.QuantizedKernel) and box.format == fmt and sorted(error) == ["fc1", "fc2"]
+    p = small["fc1"]
+    exact = np.asarray(p["kernel"].unbox()) + 2.0 * np.asarray(p["lora_A"]) @ np.asarray(p["lora_B"])
+    again = np.asarray(box.unbox())
+    np.testing.assert_allclose(error["fc1"]["relative"], np.linalg.norm(again - exact) / np.linalg.norm(exact), rtol=1e-4)
+    np.testing.assert_allclose(error["fc1"]["max_abs"], np.abs(again - exact).max(), rtol=1e-4)
+    assert 0 < error["fc1"]["relative"] < (0.01 if fmt == "int8" else 0.12)
+    unboxed = jax.tree.map(lambda v: v.unbox() if isinstance(v, lora_jax.QuantizedKernel) else v, merged,
+                           is_leaf=lambda v: isinstance(v, lora_jax.QuantizedKernel))
+    plain = MLP((256, 128, 3))  # the untransformed model takes the boxes
+    np.testing.assert_array_equal(plain.apply({"params": merged}, x), plain.apply({"params": unboxed}, x))
+    with pytest.raises(ValueError, match="no quantized kernel"):
+        lora_jax.merge_requantized(params, config)

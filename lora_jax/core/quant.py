@@ -43,15 +43,16 @@ class Int8Weight:
     scale: Array
 
 
-def quantize_int8(weight: Array, out_ndim: int = 1) -> Int8Weight:
-    """Per-output-channel absmax int8: ``scale = max|w| / 127`` over the contracted (leading) axes.
+def quantize_int8(weight: Array, out_ndim: int = 1, *, axes: tuple[int, ...] | None = None) -> Int8Weight:
+    """Per-output-channel absmax int8: ``scale = max|w| / 127`` over the contracted axes (the leading
+    ``ndim - out_ndim``, or ``axes``).
 
     >>> q = quantize_int8(jnp.array([[1.0, -2.0], [-0.5, 4.0]]))
     >>> q.data.tolist(), q.scale.tolist()
     ([[127, -64], [-64, 127]], [[0.007874015718698502, 0.031496062874794006]])
     """
     w = jnp.asarray(weight, jnp.float32)
-    axes = tuple(range(w.ndim - out_ndim))
+    axes = tuple(range(w.ndim - out_ndim)) if axes is None else tuple(axes)
     absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
     scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
     return Int8Weight(jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale)
@@ -125,7 +126,10 @@ def quantize_nf4(weight: Array, block: int = 64, scale_block: int = 256) -> Nf4W
 
 
 def dequantize_nf4(q: Nf4Weight, dtype=jnp.float32) -> Array:
-    """The weight back from its codes and double-quantized scales."""
+    """The weight back from its codes and double-quantized scales; a stack of layers quantized one by
+    one (``quantize_stacked``) comes back as a stack, whatever number of its leading axes remain."""
+    if q.data.ndim > 1:  # leading axes of a stack of layers
+        return jax.vmap(lambda one: dequantize_nf4(one, dtype))(q)
     size = math.prod(q.shape)
     codes = unpack_nibbles(q.data, size)
     n_blocks = q.scale_codes.shape[0]
@@ -134,3 +138,18 @@ def dequantize_nf4(q: Nf4Weight, dtype=jnp.float32) -> Array:
     values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
     values = _blocks(values, q.block) * absmax[:, None]
     return values.reshape(-1)[:size].reshape(q.shape).astype(dtype)
+
+
+def quantize_stacked(quantize_one, weight: Array, n_stacked: int, **options) -> Int8Weight | Nf4Weight:
+    """``quantize_one`` applied to each layer of a stack (``n_stacked`` leading axes, e.g. from
+    ``nn.scan`` or ``nnx.vmap``): every leaf gains those leading axes, so a scan over the stack
+    slices a quantized layer as it slices a plain kernel.
+
+    >>> q = quantize_stacked(quantize_nf4, jnp.ones((3, 16, 8)), 1)
+    >>> q.data.shape, q.shape, dequantize_nf4(q).shape
+    ((3, 64), (16, 8), (3, 16, 8))
+    """
+    fn = lambda w: quantize_one(w, **options)
+    for _ in range(n_stacked):
+        fn = jax.vmap(fn)
+    return fn(weight)

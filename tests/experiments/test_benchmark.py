@@ -76,9 +76,18 @@ def test_report_from_worker_results(tmp_path, monkeypatch):
     assert (tmp_path / "scaling.png").stat().st_size > 1000
 
 
-def test_quantized_base_figures(tmp_path):
-    report = benchmark.main(["--model", "tiny-config", "--quantized-base", "--steps", "1", "--in-process",
-                             "--out", str(tmp_path)])
-    r = report["quantized_base"]["tiny-config"]
-    assert r["nf4_kernel_bytes"] <= 0.16 * r["fp32_kernel_bytes"] < r["int8_kernel_bytes"] < 0.3 * r["fp32_kernel_bytes"]
-    assert all(r[f"{fmt}_step_s"] > 0 for fmt in ("fp32", "int8", "nf4"))
+def test_quantized_memory_worker_measures_the_step_window():
+    memory = benchmark.worker_quantized_memory(_args(steps=1, base_format="nf4"))
+    assert memory["step_peak_rss_bytes"] >= memory["resident_before_steps_bytes"] > 0
+
+
+def test_quantized_base_report_from_worker_results(tmp_path, monkeypatch):
+    kernel = {"fp32": 800, "int8": 200, "nf4": 100}
+    monkeypatch.setattr(benchmark, "WORKERS", {
+        "quantized": lambda a: {**{f"{f}_step_s": 1.0 for f in kernel}, **{f"{f}_kernel_bytes": b for f, b in kernel.items()}},
+        "quantized-memory": lambda a: {"resident_before_steps_bytes": 1, "process_peak_rss_bytes": 2**31,
+                                       "step_peak_rss_bytes": {"fp32": 2**30, "int8": 2**29, "nf4": 2**28}[a.base_format]}})
+    report = benchmark.main(["--model", "tiny-config", "--quantized-base", "--in-process", "--out", str(tmp_path)])
+    rows = {row[1]: row for row in report["rows"]}
+    assert rows["nf4"][5] == 0.125 and rows["int8"][7] == 0.5  # kernel bytes / fp32, step peak RSS / fp32
+    assert json.loads((tmp_path / "results.json").read_text())["quantized_base"]["tiny-config"]["memory"]["nf4"]

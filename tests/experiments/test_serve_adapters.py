@@ -9,11 +9,12 @@ def test_mixed_batch_and_throughput_table(tmp_path, tiny_bert_dir):
     from experiments import serve_adapters
 
     report = serve_adapters.main(["--model", str(tiny_bert_dir), "--counts", "1,2", "--rows", "4", "--seq", "8",
-                                  "--repeats", "1", "--out", str(tmp_path)])
+                                  "--repeats", "1", "--timing-models", "served,tiny-config", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["adapter"] for r in saved["predictions"]] == ["none (base)", "demo0", "demo1", "demo2", "none (base)",
                                                             "demo0"]
-    assert [r["adapters"] for r in report["throughput"]] == [1, 2] and (tmp_path / "throughput.png").exists()
+    assert [[r["adapters"] for r in rows] for rows in report["throughput"].values()] == [[1, 2], [1, 2]]
+    assert list(report["throughput"])[1] == "tiny-config" and (tmp_path / "throughput.png").exists()
 
 
 def test_rows_must_split_evenly_over_adapter_counts(capsys):
@@ -22,6 +23,9 @@ def test_rows_must_split_evenly_over_adapter_counts(capsys):
     with pytest.raises(SystemExit):
         serve_adapters.parse_args(["--counts", "3", "--rows", "4"])
     assert "multiple of every --counts value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve_adapters.parse_args(["--timing-models", "gpt-9"])
+    assert "bert-base-config" in capsys.readouterr().err
 
 
 def test_slots_hold_the_largest_rank_of_any_layer_rank_pattern_included():
@@ -35,3 +39,33 @@ def test_slots_hold_the_largest_rank_of_any_layer_rank_pattern_included():
     patterned = lora_jax.Adapter({"enc": {"query": {"lora_A": np.zeros((4, 3)), "lora_B": np.zeros((3, 4))}}},
                                  lora_jax.LoraConfig(rank=2, targets=("query",), rank_pattern={"enc/query": 3}))
     assert slots_for([plain, patterned]).rank == 3
+
+
+def test_adapters_trained_on_a_quantized_base_are_served_on_it(tmp_path, tiny_bert_dir):
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax
+    from experiments import serve_adapters
+    from lora_jax.models import from_pretrained
+
+    model, base, _ = from_pretrained(str(tiny_bert_dir), num_labels=3, with_tokenizer=False)
+    example = jnp.ones((1, 8), jnp.int32)
+    adapters = serve_adapters.demo_adapters(base, model, 2, example)
+    paths = []
+    for i, (adapter, fmt) in enumerate(zip(adapters + adapters[:1], ["nf4", "nf4", "none"])):
+        params = lora_jax.apply_adapter(lora_jax.init_lora_params(lora_jax.lora(model, adapter.config), base,
+                                                                  jax.random.key(0), example), adapter)
+        if fmt != "none":
+            params = lora_jax.quantize(params, adapter.config, fmt, layers="all")
+        paths.append(str(lora_jax.save_adapter(tmp_path / f"a{i}", params, adapter.config,
+                                               metadata={"quantize": fmt})))
+    loaded, fmt = serve_adapters.load_adapters(paths[:2], base)
+    assert fmt == "nf4" and len(loaded) == 2
+    report = serve_adapters.main(["--model", str(tiny_bert_dir), "--adapters", *paths[:2], "--no-timing",
+                                  "--out", str(tmp_path / "run")])
+    assert {r["adapter"] for r in report["predictions"]} == {"none (base)", "a0", "a1"}
+    with pytest.raises(ValueError, match="bases stored differently"):
+        serve_adapters.load_adapters(paths, base)
+    with pytest.raises(ValueError, match="different base model"):  # an NF4-trained adapter on the fp32 base
+        lora_jax.apply_adapter(base, lora_jax.load_adapter(paths[0]))

@@ -337,9 +337,10 @@ def worker_quantized(args) -> dict[str, Any]:
 
 
 def worker_quantized_memory(args) -> dict[str, Any]:
-    """Peak RSS of the LoRA step on one base format (``--base-format``), in a process of its own: the
-    fp32 tree is dropped after quantizing, the step compiled and run once, then the peak-RSS window
-    is reset and ``--steps`` steps run; the peak of that window is the step's."""
+    """Memory of the LoRA step on one base format (``--base-format``), in a process of its own: XLA's
+    argument and temporary bytes for the compiled step, and its peak RSS (the fp32 tree is dropped
+    after quantizing, the step compiled and run once, then the peak-RSS window is reset and
+    ``--steps`` steps run; the peak of that window is the step's)."""
     import gc
 
     import jax
@@ -353,8 +354,9 @@ def worker_quantized_memory(args) -> dict[str, Any]:
     jax.block_until_ready(params)
     del setup
     gc.collect()
-    run = jax_step(lora_model, params, lora_jax.trainable_mask(params, config), data)[0]
+    run, step, holder = jax_step(lora_model, params, lora_jax.trainable_mask(params, config), data)
     del params
+    xla = compiled_stats(step.lower(holder["state"], data))  # XLA's own buffers: deterministic, unlike RSS
     run()  # compile and one step
     gc.collect()
     resident = _proc_status_bytes("VmRSS")
@@ -362,7 +364,8 @@ def worker_quantized_memory(args) -> dict[str, Any]:
     for _ in range(args.steps):
         run()
     return {"resident_before_steps_bytes": resident, "step_peak_rss_bytes": _proc_status_bytes("VmHWM") if windowed
-            else None, "process_peak_rss_bytes": peak_rss_bytes()}
+            else None, "process_peak_rss_bytes": peak_rss_bytes(), "xla_argument_bytes": xla["argument_bytes"],
+            "xla_temp_bytes": xla["temp_bytes"]}
 
 
 WORKERS = {"train": worker_train, "ratios": worker_ratios, "versus-peft": worker_versus_peft,
@@ -525,12 +528,14 @@ def _run_quantized(args, out: Path) -> dict[str, Any]:
         report["quantized_base"][m] = r
         peak = {fmt: r["memory"][fmt]["step_peak_rss_bytes"] or r["memory"][fmt]["process_peak_rss_bytes"]
                 for fmt in r["memory"]}
+        xla = {fmt: r["memory"][fmt]["xla_argument_bytes"] + r["memory"][fmt]["xla_temp_bytes"] for fmt in r["memory"]}
         for fmt in ("fp32", "int8", "nf4"):
             rows.append([m, fmt, r[f"{fmt}_step_s"], r[f"{fmt}_step_s"] / r["fp32_step_s"],
                          r[f"{fmt}_kernel_bytes"] / 2**20, r[f"{fmt}_kernel_bytes"] / r["fp32_kernel_bytes"],
-                         peak[fmt] / 2**30, peak[fmt] / peak["fp32"]])
+                         xla[fmt] / 2**30, xla[fmt] / xla["fp32"], peak[fmt] / 2**30, peak[fmt] / peak["fp32"]])
     table = print_table("LoRA on a quantized base", ["model", "base", "step s", "step / fp32", "kernel MiB",
-                                                     "kernel bytes / fp32", "step peak RSS GiB", "RSS / fp32"], rows)
+                                                     "kernel bytes / fp32", "XLA args + temp GiB", "XLA / fp32",
+                                                     "step peak RSS GiB", "RSS / fp32"], rows)
     report["table"], report["rows"] = table, rows
     write_json(out / "results.json", report)
     print(f"results: {out / 'results.json'}")

@@ -79,6 +79,7 @@ def test_report_from_worker_results(tmp_path, monkeypatch):
 def test_quantized_memory_worker_measures_the_step_window():
     memory = benchmark.worker_quantized_memory(_args(steps=1, base_format="nf4"))
     assert memory["step_peak_rss_bytes"] >= memory["resident_before_steps_bytes"] > 0
+    assert memory["xla_argument_bytes"] > 0 and memory["xla_temp_bytes"] > 0
 
 
 def test_quantized_base_report_from_worker_results(tmp_path, monkeypatch):
@@ -86,8 +87,10 @@ def test_quantized_base_report_from_worker_results(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "WORKERS", {
         "quantized": lambda a: {**{f"{f}_step_s": 1.0 for f in kernel}, **{f"{f}_kernel_bytes": b for f, b in kernel.items()}},
         "quantized-memory": lambda a: {"resident_before_steps_bytes": 1, "process_peak_rss_bytes": 2**31,
+                                       "xla_argument_bytes": kernel[a.base_format], "xla_temp_bytes": 1000,
                                        "step_peak_rss_bytes": {"fp32": 2**30, "int8": 2**29, "nf4": 2**28}[a.base_format]}})
     report = benchmark.main(["--model", "tiny-config", "--quantized-base", "--in-process", "--out", str(tmp_path)])
     rows = {row[1]: row for row in report["rows"]}
-    assert rows["nf4"][5] == 0.125 and rows["int8"][7] == 0.5  # kernel bytes / fp32, step peak RSS / fp32
+    assert rows["nf4"][5] == 0.125 and rows["int8"][9] == 0.5  # kernel bytes / fp32, step peak RSS / fp32
+    assert rows["int8"][7] == 1200 / 1800  # XLA arguments + temporaries / fp32's
     assert json.loads((tmp_path / "results.json").read_text())["quantized_base"]["tiny-config"]["memory"]["nf4"]

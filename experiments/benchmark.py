@@ -280,15 +280,21 @@ def worker_versus_peft(args) -> dict[str, Any]:
     inference forward (ours vs transformers')."""
     import torch
 
-    model, params, *_, data = jax_setup(args.model, args.batch, args.seq, args.rank)
+    import lora_jax
+
+    model, params, lora_model, lora_params, config, data = jax_setup(args.model, args.batch, args.seq, args.rank,
+                                                                     args.remat)
+    ours_fp32 = jax_step(lora_model, lora_params, lora_jax.trainable_mask(lora_params, config), data)[0]
     _, peft_fp32, theirs_forward = torch_setup(args.model, args.batch, args.seq, "lora", args.rank)
-    fp32 = interleaved({"ours_fp32": lora_step(args, remat=args.remat)[0], "peft_fp32": peft_fp32}, args.steps)
+    fp32 = interleaved({"ours_fp32": ours_fp32, "peft_fp32": peft_fp32}, args.steps)
     forwards = interleaved({"ours": jax_forward(model, params, data), "theirs": theirs_forward}, args.steps)
-    # bf16 apart: PEFT's bf16 autocast takes about a minute a step on CPUs without bf16 instructions, so
-    # past a time budget this pair stops after one timed round (its first calls are the warm-up).
-    _, peft_bf16, _ = torch_setup(args.model, args.batch, args.seq, "lora", args.rank, dtype="bfloat16")
-    bf16 = interleaved({"ours_bf16": lora_step(args, dtype="bfloat16", remat=args.remat)[0], "peft_bf16": peft_bf16},
-                       args.steps, warmup=0, max_seconds=60, min_rounds=1)
+    bf16 = {}
+    if not getattr(args, "no_bf16", False):
+        # bf16 apart: PEFT's bf16 autocast takes about a minute a step on CPUs without bf16 instructions, so
+        # past a time budget this pair stops after one timed round (its first calls are the warm-up).
+        _, peft_bf16, _ = torch_setup(args.model, args.batch, args.seq, "lora", args.rank, dtype="bfloat16")
+        bf16 = interleaved({"ours_bf16": lora_step(args, dtype="bfloat16", remat=args.remat)[0],
+                            "peft_bf16": peft_bf16}, args.steps, warmup=0, max_seconds=60, min_rounds=1)
     steps = {**fp32, **bf16}
     return {**{f"{k}_step_s": v["median_s"] for k, v in steps.items()},
             **{f"{k}_rounds": v["rounds"] for k, v in steps.items()}, "rounds": fp32["ours_fp32"]["rounds"],
@@ -383,7 +389,8 @@ def spawn(task: str, args, **overrides) -> dict[str, Any]:
     if args.in_process:  # one process for everything (a quick check of the harness; peak memories mix)
         return WORKERS[task](argparse.Namespace(**{**vars(args), **settings}))
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", task] + \
-          [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+          [x for k, v in settings.items() if v is not False
+           for x in ((f"--{k.replace('_', '-')}",) if v is True else (f"--{k.replace('_', '-')}", str(v)))]
     print(f"  {task} {' '.join(f'{k}={v}' for k, v in overrides.items())} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -399,7 +406,7 @@ def benchmark_model(model: str, args) -> dict[str, Any]:
     if args.peft:
         if torch_available():
             result["peft_memory"] = spawn("peft-memory", a, mode="lora")
-            result["versus_peft"] = spawn("versus-peft", a)
+            result["versus_peft"] = spawn("versus-peft", a, no_bf16=bool(getattr(args, "no_bf16", False)))
         else:
             print("  --peft: torch/peft not installed, skipped")
     return result
@@ -419,9 +426,10 @@ def ratios_of(r: dict[str, Any]) -> dict[str, float]:
            "unmerged_over_base_forward": q["lora_unmerged_s"] / q["base_s"]}
     if "versus_peft" in r:
         vs, peft_rss = r["versus_peft"], r["peft_memory"]["peak_rss_bytes"]
-        out.update(ours_over_peft_step_fp32=vs["ours_fp32_step_s"] / vs["peft_fp32_step_s"],
-                   ours_over_peft_step_bf16=vs["ours_bf16_step_s"] / vs["peft_bf16_step_s"],
-                   ours_over_transformers_forward=vs["ours_forward_s"] / vs["transformers_forward_s"],
+        out.update(ours_over_peft_step_fp32=vs["ours_fp32_step_s"] / vs["peft_fp32_step_s"])
+        if "ours_bf16_step_s" in vs:  # not with --no-bf16
+            out.update(ours_over_peft_step_bf16=vs["ours_bf16_step_s"] / vs["peft_bf16_step_s"])
+        out.update(ours_over_transformers_forward=vs["ours_forward_s"] / vs["transformers_forward_s"],
                    ours_over_peft_peak_rss=r["lora"]["peak_rss_bytes"] / peft_rss,
                    ours_no_remat_over_peft_peak_rss=r["lora_no_remat"]["peak_rss_bytes"] / peft_rss)
     return out
@@ -446,7 +454,8 @@ def summarize(results: list[dict[str, Any]], scaling: dict | None) -> tuple[str,
             vs = r["versus_peft"]
             for label, key in (("LoRA fp32, with PEFT", "ours_fp32"), ("LoRA bf16, with PEFT", "ours_bf16"),
                                ("PEFT fp32, with ours", "peft_fp32"), ("PEFT bf16 autocast, with ours", "peft_bf16")):
-                rows.append([r["model"], label, vs[f"{key}_step_s"], "-", "-", "-", "-", "-"])
+                if f"{key}_step_s" in vs:
+                    rows.append([r["model"], label, vs[f"{key}_step_s"], "-", "-", "-", "-", "-"])
     lines.append(print_table(f"Train step (median; remat={REMAT} unless marked; each process alone, or alternating "
                              f"where marked 'with')",
                              ["model", "mode", "step (s)", "compile (s)", "XLA FLOPs", "optimizer state (bytes)",
@@ -495,6 +504,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default runs/benchmark/<timestamp>)")
     p.add_argument("--peft", action="store_true", help="also measure PyTorch + PEFT (needs torch and peft)")
     p.add_argument("--no-scaling", action="store_true", help="skip the rank / sequence length / batch sweep")
+    p.add_argument("--no-bf16", action="store_true", help="with --peft: skip the bf16 pair (PyTorch's bf16 autocast "
+                   "takes about a minute a step on CPUs without bf16 instructions)")
     p.add_argument("--quantized-base", action="store_true", help="instead: the LoRA step and kernel bytes on an fp32, "
                    "int8 and NF4 base (QLoRA), interleaved in one process")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import (CONFIG_MODELS, machine_info, make_parser, output_dir, positive_int, print_table, run_cli, tree_bytes,
+from .common import (CONFIG_MODELS, config_model, machine_info, make_parser, output_dir, positive_int, print_table, run_cli, tree_bytes,
                      write_json)
 
 TARGETS = ("query", "value")
@@ -104,12 +104,10 @@ def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: st
     import jax.numpy as jnp
 
     import lora_jax
-    from lora_jax.models import BertConfig, BertForSequenceClassification, from_pretrained
+    from lora_jax.models import from_pretrained
 
     if model_name in CONFIG_MODELS:
-        model = BertForSequenceClassification(BertConfig(num_labels=3, remat=remat, dtype=dtype,
-                                                         **CONFIG_MODELS[model_name]))
-        params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+        model, params = config_model(model_name, 3, remat=remat, dtype=dtype)
     else:
         model, params, _ = from_pretrained("packaged:minilm" if model_name == "minilm" else model_name, num_labels=3,
                                            with_tokenizer=False, remat=remat, dtype=dtype)
@@ -289,7 +287,7 @@ def worker_versus_peft(args) -> dict[str, Any]:
     fp32 = interleaved({"ours_fp32": ours_fp32, "peft_fp32": peft_fp32}, args.steps)
     forwards = interleaved({"ours": jax_forward(model, params, data), "theirs": theirs_forward}, args.steps)
     bf16 = {}
-    if not getattr(args, "no_bf16", False):
+    if not args.no_bf16:
         # bf16 apart: PEFT's bf16 autocast takes about a minute a step on CPUs without bf16 instructions, so
         # past a time budget this pair stops after one timed round (its first calls are the warm-up).
         _, peft_bf16, _ = torch_setup(args.model, args.batch, args.seq, "lora", args.rank, dtype="bfloat16")
@@ -406,7 +404,7 @@ def benchmark_model(model: str, args) -> dict[str, Any]:
     if args.peft:
         if torch_available():
             result["peft_memory"] = spawn("peft-memory", a, mode="lora")
-            result["versus_peft"] = spawn("versus-peft", a, no_bf16=bool(getattr(args, "no_bf16", False)))
+            result["versus_peft"] = spawn("versus-peft", a, no_bf16=args.no_bf16)
         else:
             print("  --peft: torch/peft not installed, skipped")
     return result

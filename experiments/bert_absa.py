@@ -435,6 +435,13 @@ def write_predictions(results: list[dict[str, Any]], path: Path, labels: Sequenc
     os.replace(tmp, path)
 
 
+def base_as_trained(base_params: dict, adapter: lora_jax.Adapter) -> dict:
+    """``base_params`` stored as the adapter's training stored them: quantized again when ``train
+    --quantize`` recorded a format in its metadata (so the base fingerprint matches), else as given."""
+    fmt = adapter.metadata.get("quantize", "none")
+    return base_params if fmt == "none" else lora_jax.quantize(base_params, adapter.config, fmt, layers="all")
+
+
 def cmd_predict(args) -> list[dict[str, Any]]:
     rows = [(args.sentence, a, f"--aspect {i + 1}") for i, a in enumerate(args.aspect or [])] if args.sentence else []
     if args.input is not None:
@@ -444,8 +451,7 @@ def cmd_predict(args) -> list[dict[str, Any]]:
     adapter_meta = adapter.metadata
     model, base_params, tokenizer = from_pretrained(adapter_meta.get("base_model") or PACKAGED_MINILM,
                                                     num_labels=len(LABELS))
-    if adapter_meta.get("quantize", "none") != "none":  # the base it was trained on was quantized: quantize it again
-        base_params = lora_jax.quantize(base_params, adapter.config, adapter_meta["quantize"], layers="all")
+    base_params = base_as_trained(base_params, adapter)
     # checks the adapter fits (names leaf and shapes) and that this is the base it was trained on
     params = lora_jax.apply_adapter(base_params, adapter, strict=not args.allow_other_base)
     net = lora_jax.lora(model, adapter.config)

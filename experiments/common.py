@@ -25,6 +25,17 @@ CONFIG_MODELS = {
                         vocab_size=2000, max_position_embeddings=64),
 }
 
+
+def config_model(name: str, num_labels: int, **config: Any) -> tuple[Any, dict]:
+    """(model, params) of a randomly initialised ``CONFIG_MODELS[name]`` sequence classifier
+    (``config``: further ``BertConfig`` fields, e.g. remat, dtype)."""
+    import jax.numpy as jnp
+
+    from lora_jax.models import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(num_labels=num_labels, **config, **CONFIG_MODELS[name]))
+    return model, jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+
 # ----------------------------------------------------------------------------------- command line
 
 

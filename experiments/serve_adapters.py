@@ -26,9 +26,9 @@ import numpy as np
 from flax import traverse_util
 
 import lora_jax
-from experiments.bert_absa import LABELS, batches, encode
-from experiments.common import CONFIG_MODELS, int_list, make_parser, output_dir, positive_int, print_table, run_cli, write_json
-from lora_jax.models import PACKAGED_MINILM, BertConfig, BertForSequenceClassification, from_pretrained
+from experiments.bert_absa import LABELS, base_as_trained, batches, encode
+from experiments.common import CONFIG_MODELS, config_model, int_list, make_parser, output_dir, positive_int, print_table, run_cli, write_json
+from lora_jax.models import PACKAGED_MINILM, from_pretrained
 
 TIMING_MODELS = ("served", *CONFIG_MODELS)
 
@@ -76,9 +76,10 @@ def load_adapters(paths: list[str], base_params: dict) -> tuple[list[lora_jax.Ad
     if len(formats) > 1:
         raise ValueError(f"the adapters were trained on bases stored differently ({', '.join(formats)}); "
                          f"serve each kind from a run of its own")
+    bases: dict[tuple[str, ...], dict] = {}  # the base as trained depends only on what the adapter trains in full
     for path, adapter in zip(paths, adapters):
-        base = base_params if formats[0] == "none" else lora_jax.quantize(base_params, adapter.config, formats[0],
-                                                                          layers="all")
+        saved = adapter.config.modules_to_save
+        base = bases[saved] = bases[saved] if saved in bases else base_as_trained(base_params, adapter)
         try:
             lora_jax.apply_adapter(base, adapter)  # the checks only: it fits, and this is its base
         except ValueError as err:
@@ -180,9 +181,7 @@ def timing_base(name: str, model: Any, base_params: dict) -> tuple[Any, dict]:
     known shape (``CONFIG_MODELS``: 'bert-base-config', 'tiny-config'; no download)."""
     if name == "served":
         return model, base_params
-    config = BertConfig(num_labels=len(LABELS), **CONFIG_MODELS[name])
-    big = BertForSequenceClassification(config)
-    return big, jax.jit(big.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    return config_model(name, len(LABELS))
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:

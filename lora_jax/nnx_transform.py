@@ -270,11 +270,11 @@ def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
         scaled = layer_config.scale * kinds.delta(a, b, tuple(weight.shape))
         leaves = {name: getattr(module, name)[...] for name in layer_config.variant.leaves}
         new = layer_config.variant.merge(weight.astype(jnp.float32), scaled, leaves).astype(weight.dtype)
-        variable = module.embedding if kind == "embed" else module.kernel
-        if isinstance(variable.get_raw_value(), meta.AxisMetadata):  # a stored box (quantized): a plain param now
-            setattr(module, "embedding" if kind == "embed" else "kernel", nnx.Param(new))
+        name = "embedding" if kind == "embed" else "kernel"
+        if isinstance(getattr(module, name).get_raw_value(), meta.AxisMetadata):  # a stored box (quantized): now plain
+            setattr(module, name, nnx.Param(new))
         else:
-            variable[...] = new
+            getattr(module, name)[...] = new
         for name in ("lora_A", "lora_B", *layer_config.variant.leaves, "lora_config", "lora_path", "lora_rngs",
                      "deterministic"):
             delattr(module, name)

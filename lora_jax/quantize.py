@@ -184,9 +184,10 @@ def _quantize_nnx(model: nnx.Module, selected, format: Format, block: int, layer
     chosen = []
     for path, module in nnx.iter_modules(model):
         kind = nnx_layer_kind(module)
+        # a QuantizedParam is no nnx.Param: a layer quantized before is left as it is
         if kind in (None, "embed") or not isinstance(getattr(module, "kernel", None), nnx.Param):
             continue
-        if isinstance(module.kernel, QuantizedParam) or not selected(tuple(str(p) for p in path)):
+        if not selected(tuple(str(p) for p in path)):
             continue
         kernel = module.kernel[...]
         n_stacked = kernel.ndim - one_layer_ndim(module, kind)

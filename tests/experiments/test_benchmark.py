@@ -25,7 +25,7 @@ def test_interleaved_timing_stops_at_its_time_budget_after_the_minimum_rounds():
 
 def _args(**overrides):
     defaults = dict(model="tiny-config", batch=2, seq=16, steps=1, rank=8, mode="lora", remat="dots", dtype="float32",
-                    peft=False, no_scaling=True, in_process=True)
+                    peft=False, no_scaling=True, no_bf16=False, in_process=True)
     return argparse.Namespace(**{**defaults, **overrides})
 
 

@@ -341,40 +341,147 @@ def worker_quantized(args) -> dict[str, Any]:
 
 
 def worker_quantized_memory(args) -> dict[str, Any]:
-    """Memory of the LoRA step on one base format (``--base-format``), in a process of its own: XLA's
-    argument and temporary bytes for the compiled step, and its peak RSS (the fp32 tree is dropped
-    after quantizing, the step compiled and run once, then the peak-RSS window is reset and
-    ``--steps`` steps run; the peak of that window is the step's)."""
-    import gc
+    """Memory of loading a BERT model and training LoRA on it in one base format (``--base-format``), in a
+    process of its own. The base is loaded with ``from_pretrained(..., quantize=fmt)`` (each kernel
+    quantized as it is read; ``--checkpoint``: a folder written by ``transformers``, else the packaged
+    MiniLM), then 3 steps run. Reported: XLA's argument and temporary bytes of the compiled step, and
+    the process's peak RSS less its RSS after imports (load + compile + steps)."""
+    import jax
 
+    import lora_jax
+    from lora_jax.models import from_pretrained
+
+    before = _proc_status_bytes("VmRSS")
+    fmt = None if args.base_format == "fp32" else args.base_format
+    config = lora_jax.LoraConfig(rank=args.rank, alpha=2 * args.rank, targets=TARGETS, modules_to_save=("classifier",))
+    model, params, _ = from_pretrained(args.checkpoint or "packaged:minilm", num_labels=3, with_tokenizer=False,
+                                       remat=args.remat, quantize=fmt, quantize_config=config)
+    jax.block_until_ready(params)
+    loaded = _proc_status_bytes("VmHWM")
+    rng = np.random.RandomState(0)
+    vocab = model.config.vocab_size
+    data = {"ids": jax.numpy.asarray(rng.randint(vocab // 2, vocab, (args.batch, args.seq)), "int32"),
+            "mask": jax.numpy.ones((args.batch, args.seq), "int32"),
+            "labels": jax.numpy.asarray(rng.randint(0, 3, args.batch), "int32")}
+    lora_model = lora_jax.lora(model, config)
+    params = lora_jax.init_lora_params(lora_model, params, jax.random.key(1), data["ids"][:1, :8])
+    run, step, holder = jax_step(lora_model, params, lora_jax.trainable_mask(params, config), data)
+    del params
+    xla = compiled_stats(step.lower(holder["state"], data))  # XLA's own buffers: deterministic, unlike RSS
+    for _ in range(3):
+        run()
+    return {"rss_after_imports_bytes": before, "load_peak_rss_bytes": loaded - before,
+            "peak_rss_bytes": _proc_status_bytes("VmHWM") - before, "xla_argument_bytes": xla["argument_bytes"],
+            "xla_temp_bytes": xla["temp_bytes"]}
+
+
+def _decoder_setup(args, remat: bool, params: Any = None):
+    """The decoder, its LoRA config (every linear layer of every block), a batch, and the LoRA model."""
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax
+    from .decoder import LINEAR_LAYERS, Decoder
+
+    model = Decoder(remat=remat, **DECODER_SIZE)
+    config = lora_jax.LoraConfig(rank=args.rank, alpha=2 * args.rank, targets=LINEAR_LAYERS)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab, (args.batch, args.seq)), jnp.int32)
+    return model, config, ids, lora_jax.lora(model, config)
+
+
+def _decoder_step(lora_model, params, config, ids):
+    import jax
+    import optax
+
+    import lora_jax
+    from .decoder import next_token_loss
+
+    mask = lora_jax.trainable_mask(params, config)
+    tx = optax.adamw(1e-4)
+    holder = {"state": lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))}
+    step = lora_jax.make_train_step(lambda p, b, r: next_token_loss(lora_model.apply({"params": p}, b), b), tx, mask)
+
+    def run():
+        holder["state"], metrics = step(holder["state"], ids)
+        jax.block_until_ready(metrics["loss"])
+
+    return run, step, holder
+
+
+def _decoder_params(args, lora_model, ids, fmt: str | None, config):
+    """The decoder's LoRA params, its base read from ``--checkpoint`` (``save_params``' file), each
+    kernel quantized as it is read when ``fmt`` is set."""
     import jax
 
     import lora_jax
 
-    setup = jax_setup(args.model, args.batch, args.seq, args.rank, args.remat)
-    lora_model, config, data = setup[2], setup[4], setup[5]
-    params = setup[3] if args.base_format == "fp32" else lora_jax.quantize(setup[3], config, args.base_format,
-                                                                           layers="all")
+    shapes = jax.eval_shape(lora_model.init, jax.random.key(0), ids[:1, :8])["params"]
+    base_shapes = _without_lora(shapes)
+    convert = None if fmt is None else lora_jax.KernelQuantizer(config, fmt, "all")
+    base = lora_jax.read_params(args.checkpoint, base_shapes, convert)
+    return lora_jax.init_lora_params(lora_model, base, jax.random.key(1), ids[:1, :8])
+
+
+def _without_lora(tree: dict) -> dict:
+    return {k: _without_lora(v) if isinstance(v, dict) else v for k, v in tree.items() if not k.startswith("lora_")}
+
+
+def worker_decoder(args) -> dict[str, Any]:
+    """The weight-dominated decoder on fp32, int8 and NF4 bases: XLA argument + temporary bytes of the LoRA
+    step with and without remat, and the step times alternating in one process (no remat)."""
+    out: dict[str, Any] = {}
+    runs = {}
+    for remat in DECODER_REMAT:
+        model, config, ids, lora_model = _decoder_setup(args, remat)
+        for fmt in ("fp32", "int8", "nf4"):
+            params = _decoder_params(args, lora_model, ids, None if fmt == "fp32" else fmt, config)
+            run, step, holder = _decoder_step(lora_model, params, config, ids)
+            xla = compiled_stats(step.lower(holder["state"], ids))
+            out[f"{fmt}{'_remat' if remat else ''}_xla_bytes"] = xla["argument_bytes"] + xla["temp_bytes"]
+            out[f"{fmt}{'_remat' if remat else ''}_xla_temp_bytes"] = xla["temp_bytes"]
+            if not remat:
+                runs[fmt] = run
+            del params
+    steps = interleaved(runs, args.steps)
+    out.update({f"{fmt}_step_s": v["median_s"] for fmt, v in steps.items()})
+    return out
+
+
+def worker_decoder_memory(args) -> dict[str, Any]:
+    """Peak RSS of loading the decoder (``read_params``, each kernel quantized as it is read) and 3 LoRA
+    steps on one base format, less the RSS after imports, in a process of its own."""
+    import jax
+
+    before = _proc_status_bytes("VmRSS")
+    model, config, ids, lora_model = _decoder_setup(args, False)
+    params = _decoder_params(args, lora_model, ids, None if args.base_format == "fp32" else args.base_format, config)
     jax.block_until_ready(params)
-    del setup
-    gc.collect()
-    run, step, holder = jax_step(lora_model, params, lora_jax.trainable_mask(params, config), data)
+    loaded = _proc_status_bytes("VmHWM")
+    run, _, _ = _decoder_step(lora_model, params, config, ids)
     del params
-    xla = compiled_stats(step.lower(holder["state"], data))  # XLA's own buffers: deterministic, unlike RSS
-    run()  # compile and one step
-    gc.collect()
-    resident = _proc_status_bytes("VmRSS")
-    windowed = reset_peak_rss()
-    for _ in range(args.steps):
+    for _ in range(3):
         run()
-    return {"resident_before_steps_bytes": resident, "step_peak_rss_bytes": _proc_status_bytes("VmHWM") if windowed
-            else None, "process_peak_rss_bytes": peak_rss_bytes(), "xla_argument_bytes": xla["argument_bytes"],
-            "xla_temp_bytes": xla["temp_bytes"]}
+    return {"load_peak_rss_bytes": loaded - before, "peak_rss_bytes": _proc_status_bytes("VmHWM") - before}
+
+
+def worker_load_memory(args) -> dict[str, Any]:
+    """Peak RSS of ``from_pretrained(--checkpoint, quantize=...)`` alone (every encoder and pooler kernel
+    in ``--base-format``), less the RSS after imports, in a process of its own."""
+    import jax
+
+    from lora_jax.models import from_pretrained
+
+    before = _proc_status_bytes("VmRSS")
+    _, params, _ = from_pretrained(args.checkpoint, num_labels=3, with_tokenizer=False,
+                                   quantize=None if args.base_format == "fp32" else args.base_format)
+    jax.block_until_ready(params)
+    return {"load_peak_rss_bytes": _proc_status_bytes("VmHWM") - before}
 
 
 WORKERS = {"train": worker_train, "ratios": worker_ratios, "versus-peft": worker_versus_peft,
            "peft-memory": worker_peft_memory, "scaling": worker_scaling, "quantized": worker_quantized,
-           "quantized-memory": worker_quantized_memory}
+           "quantized-memory": worker_quantized_memory, "decoder": worker_decoder,
+           "decoder-memory": worker_decoder_memory, "load-memory": worker_load_memory}
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -513,6 +620,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", default=REMAT, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--base-format", default="fp32", choices=("fp32", "int8", "nf4"), help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -525,28 +633,85 @@ def main(argv=None) -> dict[str, Any]:
         return _run(args, out)
 
 
+DECODER_BATCH, DECODER_SEQ = 2, 64  # a small fine-tuning batch: the decoder's weights dominate its step
+DECODER_SIZE: dict[str, int] = {}  # experiments.decoder.Decoder's defaults: 12 layers, hidden 2048
+DECODER_REMAT = (False, True)  # the step's bytes without and with nn.remat on each block
+
+
+def _write_checkpoint(model: str, folder: Path) -> str | None:
+    """A randomly initialised checkpoint of ``model`` for the load measurements: the decoder's params
+    through ``lora_jax.save_params``; bert-base-config's through ``transformers`` (needs torch; None
+    without it); '' for minilm (the packaged checkpoint)."""
+    if model == "minilm":
+        return ""
+    folder.mkdir(parents=True, exist_ok=True)
+    if model == "decoder":
+        import jax
+        import jax.numpy as jnp
+
+        import lora_jax
+        from .decoder import Decoder
+
+        path = folder / "decoder.safetensors"
+        init = jax.jit(Decoder(**DECODER_SIZE).init)
+        lora_jax.save_params(path, init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+        return str(path)
+    if not torch_available():
+        return None
+    import transformers
+
+    config = transformers.BertConfig(**CONFIG_MODELS[model])
+    transformers.BertModel(config).save_pretrained(folder / model)
+    return str(folder / model)
+
+
 def _run_quantized(args, out: Path) -> dict[str, Any]:
-    """``--quantized-base``: the LoRA step and kernel bytes on fp32, int8 and NF4 bases, per model."""
-    models = [args.model] if args.model else ["minilm", "bert-base-config"]
+    """``--quantized-base``: per model and base format, the LoRA step's XLA bytes, time, and the peak RSS
+    of loading (each kernel quantized as it is read) and of loading + 3 steps, each in its own process."""
+    import shutil
+
+    models = [args.model] if args.model else ["decoder", "minilm", "bert-base-config"]
     rows, report = [], {"machine": machine_info(), "quantized_base": {}}
+    formats = ("fp32", "int8", "nf4")
     for m in models:
-        print(f"[{m}] LoRA step on fp32 / int8 / NF4 bases", flush=True)
-        a = argparse.Namespace(**{**vars(args), "model": m})
-        r = spawn("quantized", a)
-        r["memory"] = {fmt: spawn("quantized-memory", a, base_format=fmt) for fmt in ("fp32", "int8", "nf4")}
+        decoder = m == "decoder"
+        shape = (DECODER_BATCH, DECODER_SEQ) if decoder else (args.batch, args.seq)
+        print(f"[{m}] LoRA on fp32 / int8 / NF4 bases, batch {shape[0]} x {shape[1]}", flush=True)
+        checkpoint = _write_checkpoint(m, out / "checkpoints")
+        a = argparse.Namespace(**{**vars(args), "model": m, "batch": shape[0], "seq": shape[1]})
+        r: dict[str, Any] = {}
+        if decoder:
+            r.update(spawn("decoder", a, checkpoint=checkpoint, remat="none"))
+            r["memory"] = {fmt: spawn("decoder-memory", a, checkpoint=checkpoint, base_format=fmt) for fmt in formats}
+        else:
+            r.update(spawn("quantized", a))
+            if checkpoint is not None:
+                r["memory"] = {fmt: spawn("quantized-memory", a, checkpoint=checkpoint, base_format=fmt)
+                               for fmt in formats}
+                for fmt in formats:
+                    if checkpoint:  # the load alone (a folder written by transformers)
+                        r["memory"][fmt].update(spawn("load-memory", a, checkpoint=checkpoint, base_format=fmt))
+                    r[f"{fmt}_xla_bytes"] = r["memory"][fmt]["xla_argument_bytes"] + r["memory"][fmt]["xla_temp_bytes"]
         report["quantized_base"][m] = r
-        peak = {fmt: r["memory"][fmt]["step_peak_rss_bytes"] or r["memory"][fmt]["process_peak_rss_bytes"]
-                for fmt in r["memory"]}
-        xla = {fmt: r["memory"][fmt]["xla_argument_bytes"] + r["memory"][fmt]["xla_temp_bytes"] for fmt in r["memory"]}
-        for fmt in ("fp32", "int8", "nf4"):
-            rows.append([m, fmt, r[f"{fmt}_step_s"], r[f"{fmt}_step_s"] / r["fp32_step_s"],
-                         r[f"{fmt}_kernel_bytes"] / 2**20, r[f"{fmt}_kernel_bytes"] / r["fp32_kernel_bytes"],
-                         xla[fmt] / 2**30, xla[fmt] / xla["fp32"], peak[fmt] / 2**30, peak[fmt] / peak["fp32"]])
-    table = print_table("LoRA on a quantized base", ["model", "base", "step s", "step / fp32", "kernel MiB",
-                                                     "kernel bytes / fp32", "XLA args + temp GiB", "XLA / fp32",
-                                                     "step peak RSS GiB", "RSS / fp32"], rows)
+        mem = r.get("memory", {})
+        for fmt in formats:
+            ratio = lambda key: (r[f"{fmt}_{key}"] / r[f"fp32_{key}"]) if f"fp32_{key}" in r else None
+            load = {f: mem[f]["load_peak_rss_bytes"] for f in mem}
+            peak = {f: mem[f]["peak_rss_bytes"] for f in mem}
+            rows.append([m, fmt, r[f"{fmt}_step_s"], ratio("step_s"),
+                         r.get(f"{fmt}_xla_bytes", 0) / 2**20, ratio("xla_bytes"),
+                         ratio("remat_xla_bytes") if decoder else "-",
+                         load[fmt] / 2**20 if load else "-", load[fmt] / load["fp32"] if load else "-",
+                         peak[fmt] / 2**20 if peak else "-", peak[fmt] / peak["fp32"] if peak else "-"])
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    table = print_table("LoRA on a quantized base (step bytes: XLA arguments + temporaries; RSS: peak less the "
+                        "RSS after imports, each format in its own process)",
+                        ["model", "base", "step s", "step / fp32", "step MiB", "step bytes / fp32",
+                         "with remat / fp32", "load RSS MiB", "load / fp32", "load + 3 steps RSS MiB",
+                         "load + steps / fp32"], rows)
     report["table"], report["rows"] = table, rows
     write_json(out / "results.json", report)
+    (out / "quantized_base.md").write_text(table + "\n")
     print(f"results: {out / 'results.json'}")
     return report
 

@@ -126,10 +126,27 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray, n: int = 
 # ----------------------------------------------------------------------------------- training
 
 
-def make_model(args, seed: int, with_tokenizer: bool = True):
+def make_model(args, seed: int, with_tokenizer: bool = True, quantize: str = "none"):
+    """The model, its pretrained params and tokenizer; with ``quantize`` ('int8' | 'nf4'), every frozen
+    kernel of the LoRA run is quantized as it is read (QLoRA), so the float32 base never exists."""
     model, params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS), with_tokenizer=with_tokenizer,
-                                               rng=jax.random.key(seed), remat=args.remat, dtype=args.dtype)
+                                               rng=jax.random.key(seed), remat=args.remat, dtype=args.dtype,
+                                               **quantized_load(quantize, lora_config(args, _WITH_POOLER)))
     return model, params, tokenizer
+
+
+# The quantized load's selection is made before the params exist: as if the model had a pooler, which
+# then trains with --train-pooler; a model without one (RoBERTa) has no pooler kernel to leave out.
+_WITH_POOLER = {"bert": {"pooler": {}}}
+
+
+def quantized_load(fmt: str, config: lora_jax.LoraConfig) -> dict[str, Any]:
+    """``from_pretrained``'s arguments that store the frozen base as ``lora_jax.quantize(params, config,
+    fmt, layers='all')`` would ('none': as read). Training, ``predict`` and ``serve_adapters`` all load
+    through here, so the quantized base, and its fingerprint, is the same in each."""
+    if fmt == "none":
+        return {}
+    return {"quantize": fmt, "quantize_config": config, "quantize_layers": "all"}
 
 
 def lora_config(args, params: dict) -> lora_jax.LoraConfig:
@@ -177,7 +194,8 @@ def lr_schedule(kind: str, lr: float, warmup_fraction: float, total_steps: int):
 def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], out: Path) -> dict[str, Any]:
     """Train one mode ('lora' or 'full') with one seed (dev split, init, batch order, dropout),
     early-stopped on dev; evaluate on test; save the adapter under ``out``."""
-    model, base_params, tokenizer = make_model(args, seed)
+    # QLoRA: the base's frozen kernels (every one but the trained head) are stored int8 / NF4 from the load on
+    model, base_params, tokenizer = make_model(args, seed, quantize=args.quantize if mode == "lora" else "none")
     pad_id = tokenizer.pad_token_id or 0
     train, dev = dev_split(data["train"], args.dev_fraction, seed)
     enc = {name: encode(split, tokenizer, args.max_len) for name, split in
@@ -187,8 +205,6 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
         config = lora_config(args, base_params)
         net = lora_jax.lora(model, config)
         params = lora_jax.init_lora_params(net, base_params, jax.random.key(seed + 1), jnp.ones((1, 8), jnp.int32))
-        if args.quantize != "none":  # QLoRA: every frozen kernel but the trained head stored int8 / NF4
-            params = lora_jax.quantize(params, config, args.quantize, layers="all")
         mask = lora_jax.trainable_mask(params, config)
     else:
         config, net, params = None, model, base_params
@@ -435,11 +451,12 @@ def write_predictions(results: list[dict[str, Any]], path: Path, labels: Sequenc
     os.replace(tmp, path)
 
 
-def base_as_trained(base_params: dict, adapter: lora_jax.Adapter) -> dict:
-    """``base_params`` stored as the adapter's training stored them: quantized again when ``train
-    --quantize`` recorded a format in its metadata (so the base fingerprint matches), else as given."""
+def load_base_as_trained(name: str, adapter: lora_jax.Adapter, **kwargs: Any):
+    """``from_pretrained(name)`` with the base stored as the adapter's training stored it: quantized
+    while loading when ``train --quantize`` recorded a format in its metadata (so the base fingerprint
+    matches), else as read."""
     fmt = adapter.metadata.get("quantize", "none")
-    return base_params if fmt == "none" else lora_jax.quantize(base_params, adapter.config, fmt, layers="all")
+    return from_pretrained(name, num_labels=len(LABELS), **quantized_load(fmt, adapter.config), **kwargs)
 
 
 def cmd_predict(args) -> list[dict[str, Any]]:
@@ -449,9 +466,7 @@ def cmd_predict(args) -> list[dict[str, Any]]:
     check_rows(rows)
     adapter = lora_jax.load_adapter(args.adapter)
     adapter_meta = adapter.metadata
-    model, base_params, tokenizer = from_pretrained(adapter_meta.get("base_model") or PACKAGED_MINILM,
-                                                    num_labels=len(LABELS))
-    base_params = base_as_trained(base_params, adapter)
+    model, base_params, tokenizer = load_base_as_trained(adapter_meta.get("base_model") or PACKAGED_MINILM, adapter)
     # checks the adapter fits (names leaf and shapes) and that this is the base it was trained on
     params = lora_jax.apply_adapter(base_params, adapter, strict=not args.allow_other_base)
     net = lora_jax.lora(model, adapter.config)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 import lora_jax
-from experiments.bert_absa import LABELS, base_as_trained, batches, encode
+from experiments.bert_absa import LABELS, batches, encode, load_base_as_trained, quantized_load
 from experiments.common import CONFIG_MODELS, config_model, int_list, make_parser, output_dir, positive_int, print_table, run_cli, write_json
 from lora_jax.models import PACKAGED_MINILM, from_pretrained
 
@@ -67,10 +67,10 @@ def demo_adapters(base_params: dict, model: Any, n: int, example: np.ndarray, ra
     return adapters
 
 
-def load_adapters(paths: list[str], base_params: dict) -> tuple[list[lora_jax.Adapter], str]:
+def load_adapters(paths: list[str], model_name: str) -> tuple[list[lora_jax.Adapter], str]:
     """The adapters at ``paths`` and the base format they were trained on ('none', 'int8', 'nf4', from
-    ``bert_absa train --quantize``); each is checked to fit ``base_params`` stored that way and to
-    have been trained on it."""
+    ``bert_absa train --quantize``); each is checked to fit the base ``model_name`` loaded that way
+    and to have been trained on it."""
     adapters = [lora_jax.load_adapter(path) for path in paths]
     formats = sorted({a.metadata.get("quantize", "none") for a in adapters})
     if len(formats) > 1:
@@ -79,7 +79,9 @@ def load_adapters(paths: list[str], base_params: dict) -> tuple[list[lora_jax.Ad
     bases: dict[tuple[str, ...], dict] = {}  # the base as trained depends only on what the adapter trains in full
     for path, adapter in zip(paths, adapters):
         saved = adapter.config.modules_to_save
-        base = bases[saved] = bases[saved] if saved in bases else base_as_trained(base_params, adapter)
+        if saved not in bases:
+            bases[saved] = load_base_as_trained(model_name, adapter, with_tokenizer=False).params
+        base = bases[saved]
         try:
             lora_jax.apply_adapter(base, adapter)  # the checks only: it fits, and this is its base
         except ValueError as err:
@@ -98,19 +100,20 @@ def slots_for(adapters: list[lora_jax.Adapter]) -> lora_jax.LoraConfig:
 
 
 def classify(args: argparse.Namespace) -> tuple[list[dict], Any]:
-    model, base_params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS))
     example = jnp.ones((1, 8), jnp.int32)
     if args.adapters:
-        adapters, base_format = load_adapters(args.adapters, base_params)
+        adapters, base_format = load_adapters(args.adapters, args.model)
         names = [Path(p).parent.name if Path(p).name == "adapter" else Path(p).name for p in args.adapters]
+        config = slots_for(adapters)
+        # the adapters were trained on a quantized base (bert_absa --quantize): serve on it, quantized as read
+        model, base_params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS),
+                                                        **quantized_load(base_format, config))
     else:
+        model, base_params, tokenizer = from_pretrained(args.model, num_labels=len(LABELS))
         adapters, names = demo_adapters(base_params, model, 3, example), ["demo0", "demo1", "demo2"]
-        base_format = "none"
-    config = slots_for(adapters)
+        config = slots_for(adapters)
     served = lora_jax.lora(model, config)
     params = lora_jax.init_lora_params(served, base_params, jax.random.key(0), example)
-    if base_format != "none":  # the adapters were trained on a quantized base (bert_absa --quantize): serve on it
-        params = lora_jax.quantize(params, config, base_format, layers="all")
     bank = lora_jax.make_bank(params, adapters, config)
     index = np.array([i % (len(adapters) + 1) - 1 for i in range(len(ROWS))])  # -1, 0, 1, ..., cycling
     encoded = encode(ROWS, tokenizer, 64)

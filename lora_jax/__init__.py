@@ -24,7 +24,8 @@ from .merge import merge, unmerge
 from .nnx_trees import load_nnx_params, nnx_params
 from .nnx_transform import nnx_functional, nnx_trainable
 from .optim import lora_plus, lora_plus_labels
-from .quantize import QuantizedKernel, QuantizedParam, merge_requantized, quantize
+from .quantize import KernelQuantizer, QuantizedKernel, QuantizedParam, merge_requantized, quantize
+from .safetensors_io import read_params, save_params
 from .peft_io import export_peft, import_peft
 from .summary import count_parameters, print_trainable_parameters, trainable_summary
 from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
@@ -77,6 +78,9 @@ __all__ = [
     "partition",
     "print_trainable_parameters",
     "quantize",
+    "KernelQuantizer",
+    "read_params",
+    "save_params",
     "merge_requantized",
     "trainable_mask",
     "trainable_summary",

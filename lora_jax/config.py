@@ -19,6 +19,7 @@ InitMode = Literal["kaiming_uniform", "gaussian"]
 _INIT_MODES = ("kaiming_uniform", "gaussian")
 _BIAS_MODES = ("none", "all", "lora_only")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_QUANTIZED_COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,10 @@ class LoraConfig:
         The update is computed in the layer's compute dtype.
       use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a trainable ``lora_magnitude``
         per output rescales the normalised ``W + ΔW``. Dense, DenseGeneral, Conv and Embed layers.
+      quantized_compute_dtype: on a quantized base (``lora_jax.quantize``), the dtype each kernel is
+        dequantized into for its layer's product: None keeps the kernel's own dtype (float32 for an
+        fp32 checkpoint), 'bfloat16' is the QLoRA paper's. None by default: on CPU a bf16 kernel
+        meeting fp32 activations is converted back, and the step measured slower (README, QLoRA).
 
     >>> config = LoraConfig(rank=8, alpha=16, targets=("query", "value"), rank_pattern={"value": 4})
     >>> config.scale, config.rank_for("encoder/layer/0/attention/self/value"), config.scale_for(4)
@@ -69,6 +74,7 @@ class LoraConfig:
     rank_pattern: tuple[tuple[str, int], ...] = ()
     param_dtype: str = "float32"
     use_dora: bool = False
+    quantized_compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence (or a single string) for the pattern fields, store tuples.
@@ -97,6 +103,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         if self.param_dtype not in _PARAM_DTYPES:
             raise ValueError(f"LoraConfig.param_dtype must be one of {_PARAM_DTYPES}, got {self.param_dtype!r}")
+        if self.quantized_compute_dtype not in (None,) + _QUANTIZED_COMPUTE_DTYPES:
+            raise ValueError(f"LoraConfig.quantized_compute_dtype must be None (the kernel's own dtype) or one of "
+                             f"{_QUANTIZED_COMPUTE_DTYPES}, got {self.quantized_compute_dtype!r}")
         if not isinstance(self.dropout_rng, str) or not self.dropout_rng:
             raise ValueError(f"LoraConfig.dropout_rng must be the non-empty name of an rng stream, "
                              f"got {self.dropout_rng!r}")

@@ -54,6 +54,46 @@ def base_leaf_name(kind: str) -> str:
     return "embedding" if kind == "embed" else "kernel"
 
 
+# --------------------------------------------------------------------------- a quantized frozen kernel
+
+
+def quantized_kernel(module: nn.Module, kind: str) -> Any:
+    """The layer's frozen weight if it is stored quantized (a ``QuantizedKernel`` box), else None."""
+    from .quantize import QuantizedKernel
+
+    name = base_leaf_name(kind)
+    if module.scope is None or not module.scope.has_variable("params", name):
+        return None
+    leaf = module.scope.get_variable("params", name)
+    return leaf if isinstance(leaf, QuantizedKernel) else None
+
+
+def quantized_base_output(module: nn.Module, kind: str, box: Any, args: tuple, kwargs: dict,
+                          method: str = "__call__") -> Array:
+    """What the layer's own ``method`` returns, its quantized kernel dequantized at the point of use.
+
+    The layer's own code runs (a copy of the module, unbound, given the dequantized kernel and its
+    bias), so padding, precision, dtype promotion and injected ``dot_general`` are the layer's; the
+    call goes through ``QuantizedKernel.apply``, whose backward pass dequantizes again instead of
+    keeping the kernel from the forward pass.
+    """
+    if args:
+        x, rest = args[0], args[1:]
+    else:  # the input by keyword: flax layers name it 'inputs' (an Embed's attend, 'query')
+        x, rest = kwargs.pop("inputs" if "inputs" in kwargs else next(iter(kwargs))), ()
+    scope = module.scope
+    bias = nn.meta.unbox(scope.get_variable("params", "bias")) if scope.has_variable("params", "bias") else None
+    name = base_leaf_name(kind)
+
+    def fn(x: Array, kernel: Array, bias: Array | None) -> Array:
+        params = {name: kernel} if bias is None else {name: kernel, "bias": bias}
+        plain = module.clone(parent=None, name=None)
+        with _internal_call():
+            return plain.apply({"params": params}, x, *rest, method=method, **kwargs)
+
+    return box.apply(fn, x, bias)
+
+
 # --------------------------------------------------------------------------- one adapted call
 
 

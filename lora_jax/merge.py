@@ -80,6 +80,12 @@ def merge(params: Params, config: LoraConfig) -> dict:
     if not modules:
         raise ValueError(f"merge: {NO_LORA_LEAVES} (already merged params need no merge)")
     for module in modules:
+        stray = [leaf for leaf in ADAPTER_LEAVES[2:] if leaf not in config.variant.leaves and module + (leaf,) in flat]
+        if stray:
+            raise ValueError(f"merge: layer '{path_str(module)}' holds {stray}, leaves of another LoRA variant than "
+                             f"the config's '{config.variant.name}': a plain merge would drop them and give another "
+                             f"model. Set the config's use_dora to match the params")
+    for module in modules:
         key = base_leaf_key(flat, module)
         a, b = meta.unbox(flat.pop(module + ("lora_A",))), meta.unbox(flat.pop(module + ("lora_B",)))
         leaves = meta.unbox(_variant_leaves(flat, module, config, pop=True))
@@ -111,6 +117,10 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
         if module + ("lora_A",) in flat:
             raise ValueError(f"module '{path_str(module)}' already holds LoRA leaves: these params are not merged")
         key = base_leaf_key(flat, module)
+        if type(flat[key]).__name__ == "QuantizedKernel":  # merge_requantized's output: the codes are new
+            raise ValueError(f"unmerge: the kernel at '{path_str(module)}' is quantized (merge_requantized): the "
+                             f"merged kernel was rounded again, so subtracting the update would not give the base "
+                             f"back. Keep the unmerged params (merge is pure) or reload the quantized base")
         boxed_a, boxed_b = flat_adapter[module + ("lora_A",)], flat_adapter[module + ("lora_B",)]
         boxed_leaves = _variant_leaves(flat_adapter, module, config, pop=False)
         a, b, leaves, w = meta.unbox(boxed_a), meta.unbox(boxed_b), meta.unbox(boxed_leaves), meta.unbox(flat[key])

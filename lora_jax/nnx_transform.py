@@ -154,17 +154,71 @@ def _adapted_class(cls: type) -> type:
             members["attend"] = _adapted_attend
         adapted = type(f"Lora{cls.__name__}", (cls,), members)
         _ADAPTED[cls], _BASE_OF[adapted] = adapted, cls
+        _PLAIN_OF[adapted] = plain_class(cls)
     return _ADAPTED[cls]
 
 
 def _adapted_call(self, *args: Any, **kwargs: Any) -> Array:
-    out = _BASE_OF[type(self)].__call__(self, *args, **kwargs)
+    out = base_call(self, "__call__", args, kwargs)
     return _output(self, "__call__", args, kwargs, out)
 
 
 def _adapted_attend(self, *args: Any, **kwargs: Any) -> Array:
-    out = _BASE_OF[type(self)].attend(self, *args, **kwargs)
+    out = base_call(self, "attend", args, kwargs)
     return _output(self, "attend", args, kwargs, out)
+
+
+# --------------------------------------------------------------------------- a quantized frozen kernel
+
+_QUANTIZED: dict[type, type] = {}  # the user's layer class -> its class with a quantized kernel
+_PLAIN_OF: dict[type, type] = {}  # a class made here (adapted, quantized) -> the user's layer class
+
+
+def plain_class(cls: type) -> type:
+    """The user's layer class under the classes ``lora`` and ``quantize`` put on a layer."""
+    return _PLAIN_OF.get(cls, cls)
+
+
+def quantized_class(cls: type) -> type:
+    """``cls`` (a user's layer class) as a layer whose kernel is a ``QuantizedParam``: its call
+    dequantizes at the point of use (``base_call``)."""
+    if cls not in _QUANTIZED:
+        members = {"__call__": lambda self, *args, **kwargs: base_call(self, "__call__", args, kwargs),
+                   "__module__": __name__,
+                   "__doc__": f"{cls.__name__} on a quantized kernel (made by lora_jax.quantize)."}
+        _QUANTIZED[cls] = type(f"Quantized{cls.__name__}", (cls,), members)
+        _PLAIN_OF[_QUANTIZED[cls]] = cls
+    return _QUANTIZED[cls]
+
+
+def base_call(module: Any, method: str, args: tuple, kwargs: dict) -> Array:
+    """What the user's layer class computes in ``method`` on ``module``'s weights; a quantized kernel
+    (``QuantizedParam``) is dequantized at the point of use, in the forward and the backward pass
+    (``QuantizedKernel.apply``), by running the layer's own code on a twin that holds the kernel."""
+    from .quantize import QuantizedParam
+
+    plain = plain_class(type(module))
+    variable = getattr(module, "kernel", None)
+    if not isinstance(variable, QuantizedParam) or not isinstance(variable.get_raw_value(), meta.AxisMetadata):
+        return getattr(plain, method)(module, *args, **kwargs)
+    box = variable.get_raw_value()
+    kwargs = dict(kwargs)
+    if args:
+        x, rest = args[0], args[1:]
+    else:
+        x, rest = kwargs.pop("inputs" if "inputs" in kwargs else next(iter(kwargs))), ()
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias[...]
+
+    def fn(x: Array, kernel: Array, bias: Array | None) -> Array:
+        twin = object.__new__(plain)  # a shallow copy of the layer with plain params: nothing of it is kept
+        twin.__dict__.update(vars(module))
+        object.__setattr__(twin, "kernel", nnx.Param(kernel))
+        if bias is not None:
+            object.__setattr__(twin, "bias", nnx.Param(bias))
+        return getattr(plain, method)(twin, x, *rest, **kwargs)
+
+    return box.apply(fn, x, bias)
 
 
 def _output(module: Any, method: str, args: tuple, kwargs: dict, out: Array) -> Array:
@@ -271,14 +325,15 @@ def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
         leaves = {name: getattr(module, name)[...] for name in layer_config.variant.leaves}
         new = layer_config.variant.merge(weight.astype(jnp.float32), scaled, leaves).astype(weight.dtype)
         name = "embedding" if kind == "embed" else "kernel"
-        if isinstance(getattr(module, name).get_raw_value(), meta.AxisMetadata):  # a stored box (quantized): now plain
+        was_quantized = isinstance(getattr(module, name).get_raw_value(), meta.AxisMetadata)  # a box: now plain
+        if was_quantized:
             setattr(module, name, nnx.Param(new))
         else:
             getattr(module, name)[...] = new
         for name in ("lora_A", "lora_B", *layer_config.variant.leaves, "lora_config", "lora_path", "lora_rngs",
                      "deterministic"):
             delattr(module, name)
-        module.__class__ = _BASE_OF[type(module)]
+        module.__class__ = plain_class(type(module)) if was_quantized else _BASE_OF[type(module)]
     return merged
 
 

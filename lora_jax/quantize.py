@@ -26,6 +26,7 @@ own format and reports the error that adds. PEFT export is unchanged (adapters o
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
@@ -36,6 +37,8 @@ from flax.core import meta
 from flax.nnx import variablelib
 
 from .config import LoraConfig
+from .core.dequantized_call import dequantized_call
+from .safetensors_io import release_freed_memory
 from .core.quant import (Int8Weight, Nf4Weight, dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4,
                          quantize_stacked)
 from .targets import any_matches, path_str, validate_patterns
@@ -53,7 +56,8 @@ class QuantizedKernel(struct.PyTreeNode, meta.AxisMetadata):
     """
 
     weight: Any  # Int8Weight | Nf4Weight
-    dtype: str = struct.field(pytree_node=False, default="float32")
+    dtype: str = struct.field(pytree_node=False, default="float32")  # the original kernel's: unbox, merge
+    compute_dtype: str | None = struct.field(pytree_node=False, default=None)  # a layer's matmul; None: dtype
 
     @property
     def format(self) -> Format:
@@ -71,9 +75,17 @@ class QuantizedKernel(struct.PyTreeNode, meta.AxisMetadata):
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.weight))
 
     def unbox(self) -> jax.Array:
-        if isinstance(self.weight, Nf4Weight):
-            return dequantize_nf4(self.weight, self.dtype)
-        return dequantize_int8(self.weight, self.dtype)
+        """The kernel dequantized into its original dtype (what ``merge`` and a plain read see)."""
+        return dequantize(self.weight, self.dtype)
+
+    def dequantizer(self) -> Callable[[Any], jax.Array]:
+        """``weight -> kernel`` in the compute dtype, for ``core.dequantized_call`` (a layer's matmul)."""
+        return functools.partial(dequantize, dtype=self.compute_dtype or self.dtype)
+
+    def apply(self, fn: Callable[[jax.Array, jax.Array, Any], jax.Array], x: jax.Array, bias: Any = None) -> jax.Array:
+        """``fn(x, kernel, bias)`` with the kernel dequantized at the point of use, in the forward and
+        the backward pass (``core.dequantized_call``): nothing kernel-sized is kept between them."""
+        return dequantized_call(fn, self.weight, self.dequantizer(), x, bias)
 
     def replace_boxed(self, val: Any) -> Any:
         return val  # a new value (a merged kernel) is a plain array
@@ -98,15 +110,54 @@ class QuantizedParam(nnx.Variable):
         return value if isinstance(index, variablelib.Missing) else value[index]
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def dequantize(weight: Int8Weight | Nf4Weight, dtype: Any = jnp.float32) -> jax.Array:
+    """An int8 or NF4 weight (one layer, or a stack of them) back as an array of ``dtype``."""
+    if isinstance(weight, Nf4Weight):
+        return dequantize_nf4(weight, dtype)
+    return dequantize_int8(weight, dtype)
+
+
+MAX_BLOCK = 4096  # NF4 weights per absmax: larger blocks only pad small layers and lose precision
+# Above these relative errors on the ordinary weights (|w| up to 6 rms), a layer's weights are not what
+# the format expects (a Gaussian-like kernel gives about 0.008 in int8 and 0.09 in NF4; one outlier
+# sets the scale of its column, block and group of blocks, and the rest is rounded coarsely): quantize warns.
+ERROR_WARNING = {"int8": 0.04, "nf4": 0.15}
+
+
 def _quantized_weight(value: jax.Array, format: Format, block: int, n_stacked: int) -> Int8Weight | Nf4Weight:
     if format == "nf4":
         return quantize_stacked(quantize_nf4, value, n_stacked, block=block)
     return quantize_stacked(quantize_int8, value, n_stacked)
 
 
-def _quantize_array(value: Any, format: Format, block: int, n_stacked: int) -> QuantizedKernel:
-    return QuantizedKernel(_quantized_weight(value, format, block, n_stacked), str(np.dtype(value.dtype)))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantized_and_checked(value: jax.Array, format: Format, block: int, n_stacked: int, errors: bool) -> tuple:
+    """The quantized weight and ``_check``'s figures (with ``errors`` False: only whether the kernel is
+    finite, NaN for the rest), in one compiled program per kernel shape."""
+    weight = _quantized_weight(value, format, block, n_stacked)
+    if errors:
+        return weight, _check(value, weight)
+    nan = jnp.float32(jnp.nan)
+    return weight, (jnp.isfinite(value).all(), nan, nan, nan)
+
+
+def _check(value: jax.Array, weight: Int8Weight | Nf4Weight) -> tuple[jax.Array, ...]:
+    """(all finite, ||Q(W) - W|| / ||W||, max |Q(W) - W|, the same relative error on the ordinary weights:
+    those within 6 rms, which leaves out outliers that dominate the norm and hide what they cost the rest)."""
+    w = value.astype(jnp.float32)
+    diff = dequantize(weight) - w
+    square = jnp.sum(w * w)
+    ordinary = jnp.abs(w) <= 6.0 * jnp.sqrt(square / w.size)
+    ordinary_square = jnp.sum(jnp.where(ordinary, w * w, 0.0))
+    return (jnp.isfinite(w).all(), jnp.sqrt(jnp.sum(diff * diff) / jnp.maximum(square, 1e-30)), jnp.abs(diff).max(),
+            jnp.sqrt(jnp.sum(jnp.where(ordinary, diff * diff, 0.0)) / jnp.maximum(ordinary_square, 1e-30)))
+
+
+def _quantize_array(value: Any, format: Format, block: int, n_stacked: int,
+                    compute_dtype: str | None = None, errors: bool = True) -> tuple[QuantizedKernel, tuple]:
+    """The kernel as a ``QuantizedKernel`` box, and ``_check``'s figures for it."""
+    weight, figures = _quantized_and_checked(value, format, block, n_stacked, errors)
+    return QuantizedKernel(weight, str(np.dtype(value.dtype)), compute_dtype), figures
 
 
 def _selector(config: LoraConfig, layers: str) -> Callable[[tuple[str, ...]], bool]:
@@ -125,7 +176,8 @@ def _under(patterns: Sequence[str], module: tuple[str, ...]) -> bool:
 
 
 def quantize(params: Params | nnx.Module, config: LoraConfig, format: Format = "nf4",
-             layers: Literal["targets", "all"] = "targets", *, block: int = 64, stacked: Sequence[str] = ()) -> Any:
+             layers: Literal["targets", "all"] = "targets", *, block: int = 64, stacked: Sequence[str] = (),
+             errors: dict | None = None) -> Any:
     """``params`` with frozen kernels quantized (``format`` 'int8': per-output-channel absmax;
     'nf4': NormalFloat4, ``block`` weights per absmax, double-quantized scales).
 
@@ -139,62 +191,167 @@ def quantize(params: Params | nnx.Module, config: LoraConfig, format: Format = "
         kernel below one carries a leading axis of layers, and each layer is quantized on its own.
         NNX stacks are found from the layer's own shape.
 
+      errors: a dict to fill with each quantized layer's error, ``{path: {'relative': ||Q(W) - W|| /
+        ||W||, 'max_abs': ..., 'relative_ordinary': the relative error of the weights within 6 rms}}`` (a
+        layer whose ordinary weights change by more than ``ERROR_WARNING`` is also warned of).
+
     Returns:
       The tree with those kernels as ``QuantizedKernel`` boxes (every other leaf the same array), or
       the NNX model with those kernels as ``QuantizedParam``.
+
+    Raises:
+      ValueError: a chosen kernel holds NaN or inf; a chosen layer already has a DoRA magnitude
+        (computed from the float kernel: quantize first, then add the adapter); ``params`` are
+        already quantized; a kernel looks stacked (``nn.scan``) but ``stacked=`` does not name it.
     """
-    if format not in ("int8", "nf4"):
-        raise ValueError(f"format must be 'int8' or 'nf4', got {format!r}")
-    if layers not in ("targets", "all"):
-        raise ValueError(f"layers must be 'targets' or 'all', got {layers!r}")
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise ValueError(f"block must be a positive integer (weights per NF4 scale), got {block!r}")
-    validate_patterns(stacked)
-    selected = _selector(config, layers)
+    quantizer = KernelQuantizer(config, format, layers, block=block, stacked=stacked, measure=True)
     if isinstance(params, nnx.Module):
         if stacked:
             raise ValueError("stacked= is for linen param trees; an NNX layer's stack is read from its own shape")
-        return _quantize_nnx(params, selected, format, block, layers, config)
-    flat = traverse_util.flatten_dict(dict(params))
-    out, chosen = dict(flat), []
-    for key, value in flat.items():
-        if key[-1] != "kernel" or isinstance(value, meta.AxisMetadata) or np.ndim(value) < 2:
-            continue
-        if selected(key[:-1]):
-            n_stacked = int(_under(stacked, key[:-1]))
-            if np.ndim(value) - n_stacked < 2:
-                raise ValueError(f"'{path_str(key)}' has shape {np.shape(value)}: too few axes for a stack of kernels "
-                                 f"(check stacked={list(stacked)})")
-            out[key] = _quantize_array(value, format, block, n_stacked)
-            chosen.append(path_str(key[:-1]))
-    _check_chosen(chosen, layers, config)
-    return traverse_util.unflatten_dict(out)
+        _quantize_nnx(params, quantizer, layers, config)
+    else:
+        flat = traverse_util.flatten_dict(dict(params))
+        for key, value in flat.items():
+            if quantizer.wants(key, np.shape(value)) and not isinstance(value, meta.AxisMetadata):
+                _check_layer(key[:-1], value, flat, quantizer)
+        out = {key: quantizer(key, value) for key, value in flat.items()}
+        _check_chosen(quantizer.chosen, layers, config, any(isinstance(v, QuantizedKernel) for v in flat.values()))
+        params = traverse_util.unflatten_dict(out)
+    if errors is not None:
+        errors.update(quantizer.errors)
+    return params
 
 
-def _check_chosen(chosen: list, layers: str, config: LoraConfig) -> None:
+class KernelQuantizer:
+    """``(key, leaf) -> leaf``: a kernel that ``quantize`` would choose, quantized; any other leaf as it is.
+
+    One leaf at a time, so a loader can quantize each kernel as it reads it and drop the float copy
+    before reading the next (``lora_jax.models.from_pretrained(..., quantize='nf4')``). ``chosen``
+    lists the layer paths quantized so far. A non-finite kernel is refused. With ``measure``
+    (``quantize`` sets it), ``errors`` holds the error each kernel took (``||Q(W) - W|| / ||W||``,
+    the largest change, the error of the ordinary weights) and a large one is warned of; a loader
+    leaves it off: the dequantized copy it needs would weigh on the load's peak memory.
+
+    >>> import jax.numpy as jnp
+    >>> from lora_jax import LoraConfig
+    >>> q = KernelQuantizer(LoraConfig(rank=2, targets=("fc",)), "int8")
+    >>> type(q(("fc", "kernel"), jnp.ones((4, 4)))).__name__, q(("fc", "bias"), jnp.ones(4)).shape, q.chosen
+    ('QuantizedKernel', (4,), ['fc'])
+    """
+
+    def __init__(self, config: LoraConfig, format: Format = "nf4", layers: Literal["targets", "all"] = "targets", *,
+                 block: int = 64, stacked: Sequence[str] = (), measure: bool = False):
+        if format not in ("int8", "nf4"):
+            raise ValueError(f"format must be 'int8' or 'nf4', got {format!r}")
+        if layers not in ("targets", "all"):
+            raise ValueError(f"layers must be 'targets' or 'all', got {layers!r}")
+        if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= MAX_BLOCK:
+            raise ValueError(f"block must be an integer from 1 to {MAX_BLOCK} (weights per NF4 scale; 64 is the "
+                             f"QLoRA paper's), got {block!r}")
+        validate_patterns(stacked)
+        self.config, self.format, self.block, self.stacked = config, format, block, tuple(stacked)
+        self.measure = measure
+        self.selected = _selector(config, layers)
+        self.chosen: list[str] = []
+        self.errors: dict[str, dict[str, float]] = {}  # per layer: relative and max_abs error of quantizing
+
+    def wants(self, key: tuple[str, ...], shape: tuple[int, ...]) -> bool:
+        """Whether the leaf at ``key`` of ``shape`` is a kernel to quantize."""
+        return key[-1] == "kernel" and len(shape) >= 2 and self.selected(key[:-1])
+
+    def __call__(self, key: tuple[str, ...], value: Any) -> Any:
+        if isinstance(value, meta.AxisMetadata) or not self.wants(key, np.shape(value)):
+            return value
+        n_stacked = int(_under(self.stacked, key[:-1]))
+        if np.ndim(value) - n_stacked < 2:
+            raise ValueError(f"'{path_str(key)}' has shape {np.shape(value)}: too few axes for a stack of kernels "
+                             f"(check stacked={list(self.stacked)})")
+        box, figures = _quantize_array(value, self.format, self.block, n_stacked, self.config.quantized_compute_dtype,
+                                       self.measure)
+        self.record(path_str(key[:-1]), figures)
+        # waited for (record reads it): with jax's asynchronous dispatch a loader would otherwise read
+        # ahead, every queued quantization holding its float kernel alive
+        return box
+
+    def record(self, where: str, figures: tuple) -> None:
+        """Check a kernel just quantized (``_check``'s figures: finite, its errors) and note it in
+        ``chosen`` and ``errors``."""
+        finite, relative, max_abs, ordinary = (float(v) for v in figures)
+        if not finite:
+            raise ValueError(f"the kernel at '{where}' holds NaN or inf values; quantizing would hide them (int8) or "
+                             f"spread them over their block (NF4). Fix or reload the weights first")
+        self.chosen.append(where)
+        if not self.measure:
+            return
+        self.errors[where] = {"relative": relative, "max_abs": max_abs, "relative_ordinary": ordinary}
+        if ordinary > ERROR_WARNING[self.format]:
+            warnings.warn(f"quantize: {self.format} changes the ordinary weights (within 6 rms) of the kernel at "
+                          f"'{where}' by {ordinary:.1%} (a Gaussian kernel: about {ERROR_WARNING[self.format] / 3:.0%}):"
+                          f" outliers set the scale of their {'block' if self.format == 'nf4' else 'column'} and the "
+                          f"rest is rounded coarsely. Leave the layer out, or use int8 / a smaller block",
+                          stacklevel=3)
+
+
+def _check_layer(module: tuple[str, ...], kernel: Any, flat: dict, quantizer: KernelQuantizer) -> None:
+    """Refuse, before anything is quantized, a layer whose DoRA magnitude came from the float kernel, and a
+    kernel that carries a stack's leading axis (its bias does too) without ``stacked=`` naming it."""
+    where = path_str(module)
+    if module + ("lora_magnitude",) in flat:
+        raise ValueError(f"layer '{where}' has a DoRA magnitude, computed from its float kernel: on the quantized "
+                         f"kernel the model would no longer start from the base. Quantize the base first, then add "
+                         f"the adapter (init_lora_params or apply_adapter on the quantized tree)")
+    bias = flat.get(module + ("bias",))
+    shape = np.shape(kernel)
+    if bias is not None and not _under(quantizer.stacked, module):
+        b = np.shape(meta.unbox(bias))
+        if len(b) >= 2 and len(b) == len(shape) - 1 and b[0] == shape[0] and b != tuple(shape[-len(b):]):
+            raise ValueError(f"the kernel at '{where}' {tuple(shape)} and its bias {b} share a leading axis of "
+                             f"{shape[0]}: a stack of layers (nn.scan / nn.vmap). Name the stacked module in "
+                             f"stacked=, e.g. stacked=('{module[0]}',), so that each layer is quantized on its own")
+
+
+def _check_chosen(chosen: list, layers: str, config: LoraConfig, already: bool = False) -> None:
+    if not chosen and already:
+        raise ValueError("quantize: these params are already quantized (they hold QuantizedKernel boxes and no "
+                         "float kernel to choose); quantize the float params once")
     if not chosen:
         raise ValueError(f"quantize: no kernel matched ({layers}: targets {list(config.targets)}); "
                          f"nothing would be quantized")
 
 
-def _quantize_nnx(model: nnx.Module, selected, format: Format, block: int, layers: str,
-                  config: LoraConfig) -> nnx.Module:
-    from .nnx_transform import nnx_layer_kind, one_layer_ndim
+def _quantize_nnx(model: nnx.Module, quantizer: KernelQuantizer, layers: str, config: LoraConfig) -> nnx.Module:
+    from .nnx_transform import is_adapted, nnx_layer_kind, one_layer_ndim, quantized_class
 
-    chosen = []
+    chosen, already = [], False
     for path, module in nnx.iter_modules(model):
         kind = nnx_layer_kind(module)
+        already = already or isinstance(getattr(module, "kernel", None), QuantizedParam)
         # a QuantizedParam is no nnx.Param: a layer quantized before is left as it is
         if kind in (None, "embed") or not isinstance(getattr(module, "kernel", None), nnx.Param):
             continue
-        if not selected(tuple(str(p) for p in path)):
+        if not quantizer.selected(tuple(str(p) for p in path)):
             continue
+        where = "/".join(str(p) for p in path)
+        if hasattr(module, "lora_magnitude"):
+            raise ValueError(f"layer '{where}' has a DoRA magnitude, computed from its float kernel: on the "
+                             f"quantized kernel the model would no longer start from the base. Quantize the model "
+                             f"first, then add the adapter (lora(...) or apply_adapter)")
+        chosen.append((module, kind))
+    for module, kind in chosen:
         kernel = module.kernel[...]
         n_stacked = kernel.ndim - one_layer_ndim(module, kind)
-        module.kernel = QuantizedParam(_quantize_array(kernel, format, block, n_stacked))
-        chosen.append(path)
-    _check_chosen(chosen, layers, config)
+        box, figures = _quantize_array(kernel, quantizer.format, quantizer.block, n_stacked,
+                                       config.quantized_compute_dtype, quantizer.measure)
+        quantizer.record(getattr(module, "lora_path", None) or _nnx_path(model, module), figures)
+        module.kernel = QuantizedParam(box)
+        if not is_adapted(module):  # an adapted layer's call already dequantizes at the point of use
+            module.__class__ = quantized_class(type(module))
+    _check_chosen(quantizer.chosen, layers, config, already)
     return model
+
+
+def _nnx_path(model: nnx.Module, layer: Any) -> str:
+    return next("/".join(str(p) for p in path) for path, module in nnx.iter_modules(model) if module is layer)
 
 
 def is_quantized(leaf: Any) -> bool:
@@ -216,10 +373,11 @@ def requantize_like(box: QuantizedKernel, value: jax.Array) -> QuantizedKernel:
     if isinstance(weight, Nf4Weight):
         n_stacked = weight.data.ndim - 1
         options = {"block": weight.block, "scale_block": weight.scale_block}
-        return QuantizedKernel(quantize_stacked(quantize_nf4, value, n_stacked, **options), box.dtype)
+        return QuantizedKernel(quantize_stacked(quantize_nf4, value, n_stacked, **options), box.dtype,
+                               box.compute_dtype)
     assert isinstance(weight, Int8Weight)
     contracted = tuple(i for i, n in enumerate(weight.scale.shape) if n == 1)  # the scale's size-one axes
-    return QuantizedKernel(quantize_int8(value, axes=contracted), box.dtype)
+    return QuantizedKernel(quantize_int8(value, axes=contracted), box.dtype, box.compute_dtype)
 
 
 def merge_requantized(params: Params, config: LoraConfig) -> tuple[dict, dict[str, dict[str, float]]]:

@@ -17,7 +17,8 @@ import flax.linen as nn
 from flax import traverse_util
 
 from .config import LoraConfig
-from .layers import ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind
+from .layers import (ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind, quantized_base_output,
+                     quantized_kernel)
 from .target_report import TargetReport, check_targets
 from .targets import any_matches, matches, path_str
 
@@ -71,10 +72,13 @@ class LoraModule(nn.Module):
             selected = [t for t in config.targets if matches(t, path)]
             for t in selected:
                 record.hits[t] += 1
+            box = quantized_kernel(module, kind)
+            base = next_fun if box is None else \
+                (lambda *a, **k: quantized_base_output(module, kind, box, a, dict(k), context.method_name))
             if not selected or any_matches(config.exclude, path):
-                return next_fun(*args, **kwargs)
+                return base(*args, **kwargs)
             record.targeted.add(path)
-            out = next_fun(*args, **kwargs)
+            out = base(*args, **kwargs)
             key = None
             if dropout_on:
                 if not module.scope.has_rng(config.dropout_rng):
@@ -146,8 +150,9 @@ def init_lora_params(
 ) -> dict:
     """Add fresh ``lora_A`` / ``lora_B`` leaves to an existing (e.g. pretrained) base param tree.
 
-    Runs the transformed model once on example inputs ``*args`` with the base params given, so
-    only the missing LoRA leaves are created; every base leaf is returned as the same array.
+    Traces the transformed model once on example inputs ``*args`` with the base params given, so
+    only the missing LoRA leaves are created (computed under ``jax.jit``, which keeps only the work
+    they need); every base leaf is returned as the same array.
 
     Args:
       model: the ``lora(...)`` model.
@@ -166,7 +171,14 @@ def init_lora_params(
     >>> sorted(params["layers_1"]), params["layers_0"]["kernel"] is base_params["layers_0"]["kernel"]
     (['bias', 'kernel', 'lora_A', 'lora_B'], True)
     """
-    _, variables = model.apply(
-        {"params": base_params}, *args, rngs={"params": rng}, mutable=["params"], **kwargs
-    )
-    return variables["params"]
+    base_keys = set(traverse_util.flatten_dict(base_params))
+
+    def new_leaves(base: dict, rng: jax.Array) -> dict:
+        _, variables = model.apply({"params": base}, *args, rngs={"params": rng}, mutable=["params"], **kwargs)
+        return {key: value for key, value in traverse_util.flatten_dict(variables["params"]).items()
+                if key not in base_keys}
+
+    # jitted, and returning only the new leaves: XLA computes nothing of the forward pass they do not
+    # need, so no activation or (on a quantized base) dequantized kernel is ever materialised here
+    fresh = jax.jit(new_leaves)(base_params, rng)
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base_params), **fresh})

@@ -125,3 +125,17 @@ def test_dora_merge_of_scanned_layers_keeps_each_layer_apart():
     assert params["layers"]["fc"]["lora_magnitude"].shape == (3, 1, 6)
     chex.assert_trees_all_close(Stack().apply({"params": lora_jax.merge(params, config)}, x),
                                 model.apply({"params": params}, x), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_dora_leaves_under_a_plain_config():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="fc")(x)
+
+    dora = LoraConfig(rank=2, targets=("fc",), use_dora=True)
+    params = lora_jax.lora(Net(), dora).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    with pytest.raises(ValueError, match=r"'fc' holds \['lora_magnitude'\].*use_dora"):
+        lora_jax.merge(params, dora.replace(use_dora=False))

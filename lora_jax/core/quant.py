@@ -131,13 +131,32 @@ def dequantize_nf4(q: Nf4Weight, dtype=jnp.float32) -> Array:
     if q.data.ndim > 1:  # leading axes of a stack of layers
         return jax.vmap(lambda one: dequantize_nf4(one, dtype))(q)
     size = math.prod(q.shape)
-    codes = unpack_nibbles(q.data, size)
     n_blocks = q.scale_codes.shape[0]
     group = jnp.repeat(q.scale_scale, q.scale_block)[:n_blocks]
     absmax = q.scale_codes.astype(jnp.float32) * group + q.scale_mean
-    values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
-    values = _blocks(values, q.block) * absmax[:, None]
+    if size % q.block == 0 and q.block % 2 == 0:  # whole blocks of whole bytes: one fused elementwise pass
+        pairs, scale = q.data.reshape(n_blocks, q.block // 2), absmax[:, None]
+        values = jnp.stack([nf4_values(pairs >> 4) * scale, nf4_values(pairs & 15) * scale], axis=-1)
+        return values.reshape(q.shape).astype(dtype)
+    codes = unpack_nibbles(q.data, size)
+    values = _blocks(nf4_values(codes), q.block) * absmax[:, None]
     return values.reshape(-1)[:size].reshape(q.shape).astype(dtype)
+
+
+def nf4_values(codes: Array) -> Array:
+    """The NF4 code values of 4-bit codes (uint8 0..15), as float32.
+
+    A tree of 15 selects on the code's bits rather than a gather from the table: it vectorizes and
+    fuses with the scaling that follows (a gather does neither on CPU).
+
+    >>> nf4_values(jnp.array([0, 7, 15], jnp.uint8)).tolist()
+    [-1.0, 0.0, 1.0]
+    """
+    level = [jnp.float32(v) for v in NF4_CODE]
+    for bit in range(4):
+        on = ((codes >> bit) & 1).astype(bool)
+        level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
 
 
 def quantize_stacked(quantize_one, weight: Array, n_stacked: int, **options) -> Int8Weight | Nf4Weight:

@@ -76,21 +76,42 @@ def test_report_from_worker_results(tmp_path, monkeypatch):
     assert (tmp_path / "scaling.png").stat().st_size > 1000
 
 
-def test_quantized_memory_worker_measures_the_step_window():
-    memory = benchmark.worker_quantized_memory(_args(steps=1, base_format="nf4"))
-    assert memory["step_peak_rss_bytes"] >= memory["resident_before_steps_bytes"] > 0
+def test_quantized_workers_load_quantized_and_measure(tmp_path, monkeypatch):
+    pytest.importorskip("torch")  # the BERT checkpoint is written by transformers
+    checkpoint = benchmark._write_checkpoint("tiny-config", tmp_path)
+    memory = benchmark.worker_quantized_memory(_args(base_format="nf4", checkpoint=checkpoint))
+    assert memory["peak_rss_bytes"] >= memory["load_peak_rss_bytes"] > 0
     assert memory["xla_argument_bytes"] > 0 and memory["xla_temp_bytes"] > 0
+    assert benchmark.worker_load_memory(_args(base_format="int8", checkpoint=checkpoint))["load_peak_rss_bytes"] > 0
+
+    monkeypatch.setattr(benchmark, "DECODER_SIZE", dict(vocab=64, hidden=32, layers=2, heads=4))
+    monkeypatch.setattr(benchmark, "DECODER_REMAT", (False,))  # remat=True compiles the same way, only slower
+    decoder = benchmark._write_checkpoint("decoder", tmp_path)
+    result = benchmark.worker_decoder(_args(checkpoint=decoder, batch=2, seq=8))
+    assert {f"{f}_xla_bytes" for f in ("fp32", "int8", "nf4")} <= set(result)
+    assert result["nf4_xla_bytes"] < result["fp32_xla_bytes"] and result["nf4_step_s"] > 0
+    memory = benchmark.worker_decoder_memory(_args(checkpoint=decoder, batch=2, seq=8, base_format="nf4"))
+    assert memory["peak_rss_bytes"] >= memory["load_peak_rss_bytes"] > 0
 
 
 def test_quantized_base_report_from_worker_results(tmp_path, monkeypatch):
-    kernel = {"fp32": 800, "int8": 200, "nf4": 100}
+    step = {"fp32": 800, "int8": 400, "nf4": 200}
+    rss = {"fp32": 2**30, "int8": 2**29, "nf4": 2**28}
+    monkeypatch.setattr(benchmark, "_write_checkpoint", lambda model, folder: "" if model == "minilm" else "ckpt")
     monkeypatch.setattr(benchmark, "WORKERS", {
-        "quantized": lambda a: {**{f"{f}_step_s": 1.0 for f in kernel}, **{f"{f}_kernel_bytes": b for f, b in kernel.items()}},
-        "quantized-memory": lambda a: {"resident_before_steps_bytes": 1, "process_peak_rss_bytes": 2**31,
-                                       "xla_argument_bytes": kernel[a.base_format], "xla_temp_bytes": 1000,
-                                       "step_peak_rss_bytes": {"fp32": 2**30, "int8": 2**29, "nf4": 2**28}[a.base_format]}})
-    report = benchmark.main(["--model", "tiny-config", "--quantized-base", "--in-process", "--out", str(tmp_path)])
-    rows = {row[1]: row for row in report["rows"]}
-    assert rows["nf4"][5] == 0.125 and rows["int8"][9] == 0.5  # kernel bytes / fp32, step peak RSS / fp32
-    assert rows["int8"][7] == 1200 / 1800  # XLA arguments + temporaries / fp32's
-    assert json.loads((tmp_path / "results.json").read_text())["quantized_base"]["tiny-config"]["memory"]["nf4"]
+        "decoder": lambda a: {**{f"{f}_step_s": 1.0 for f in step}, **{f"{f}_xla_bytes": b for f, b in step.items()},
+                              **{f"{f}_remat_xla_bytes": b / 2 for f, b in step.items()}},
+        "decoder-memory": lambda a: {"load_peak_rss_bytes": rss[a.base_format], "peak_rss_bytes": 2 * rss[a.base_format]},
+        "quantized": lambda a: {**{f"{f}_step_s": 2.0 for f in step}, **{f"{f}_kernel_bytes": b for f, b in step.items()}},
+        "quantized-memory": lambda a: {"load_peak_rss_bytes": 1, "peak_rss_bytes": rss[a.base_format],
+                                       "xla_argument_bytes": step[a.base_format], "xla_temp_bytes": 1000},
+        "load-memory": lambda a: {"load_peak_rss_bytes": rss[a.base_format] // 4}})
+    for model in ("decoder", "tiny-config"):
+        report = benchmark.main(["--model", model, "--quantized-base", "--in-process", "--out", str(tmp_path / model)])
+        rows = {row[1]: row for row in report["rows"]}
+        if model == "decoder":
+            assert rows["nf4"][5] == 0.25 and rows["nf4"][6] == 0.25  # step bytes / fp32, with remat
+            assert rows["int8"][8] == 0.5 and rows["nf4"][10] == 0.25  # load RSS / fp32, load + steps / fp32
+        else:
+            assert rows["int8"][5] == 1400 / 1800 and rows["nf4"][8] == 0.25  # XLA bytes / fp32; the load alone
+        assert (tmp_path / model / "quantized_base.md").read_text().count("nf4") == 1

@@ -60,12 +60,12 @@ def test_adapters_trained_on_a_quantized_base_are_served_on_it(tmp_path, tiny_be
             params = lora_jax.quantize(params, adapter.config, fmt, layers="all")
         paths.append(str(lora_jax.save_adapter(tmp_path / f"a{i}", params, adapter.config,
                                                metadata={"quantize": fmt})))
-    loaded, fmt = serve_adapters.load_adapters(paths[:2], base)
+    loaded, fmt = serve_adapters.load_adapters(paths[:2], str(tiny_bert_dir))
     assert fmt == "nf4" and len(loaded) == 2
     report = serve_adapters.main(["--model", str(tiny_bert_dir), "--adapters", *paths[:2], "--no-timing",
                                   "--out", str(tmp_path / "run")])
     assert {r["adapter"] for r in report["predictions"]} == {"none (base)", "a0", "a1"}
     with pytest.raises(ValueError, match="bases stored differently"):
-        serve_adapters.load_adapters(paths, base)
+        serve_adapters.load_adapters(paths, str(tiny_bert_dir))
     with pytest.raises(ValueError, match="different base model"):  # an NF4-trained adapter on the fp32 base
         lora_jax.apply_adapter(base, lora_jax.load_adapter(paths[0]))

@@ -94,7 +94,7 @@ def test_roberta_classification_head_matches(tmp_path):
 def test_missing_and_unexpected_keys_are_reported(tmp_path):
     _small_roberta(tmp_path, True)
     config = read_config(tmp_path)
-    state = read_state_dict(tmp_path)
+    state = dict(read_state_dict(tmp_path))
     from lora_jax.models.bert import BertModel, BertForSequenceClassification
 
     fresh = BertModel(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
@@ -116,7 +116,7 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
 def test_shape_mismatch_names_the_weight(tmp_path):
     _small_roberta(tmp_path, True)
     config = read_config(tmp_path)
-    state = read_state_dict(tmp_path)
+    state = dict(read_state_dict(tmp_path))
     state["encoder.layer.0.intermediate.dense.weight"] = np.zeros((64, 31), np.float32)
     from lora_jax.models.bert import BertModel
 

@@ -351,6 +351,7 @@ def worker_quantized_memory(args) -> dict[str, Any]:
     import lora_jax
     from lora_jax.models import from_pretrained
 
+    reset_peak_rss()  # the window starts here (a no-op in a fresh process; needed in one that ran before)
     before = _proc_status_bytes("VmRSS")
     fmt = None if args.base_format == "fp32" else args.base_format
     config = lora_jax.LoraConfig(rank=args.rank, alpha=2 * args.rank, targets=TARGETS, modules_to_save=("classifier",))
@@ -452,6 +453,7 @@ def worker_decoder_memory(args) -> dict[str, Any]:
     steps on one base format, less the RSS after imports, in a process of its own."""
     import jax
 
+    reset_peak_rss()  # the window starts here (a no-op in a fresh process; needed in one that ran before)
     before = _proc_status_bytes("VmRSS")
     model, config, ids, lora_model = _decoder_setup(args, False)
     params = _decoder_params(args, lora_model, ids, None if args.base_format == "fp32" else args.base_format, config)
@@ -471,6 +473,7 @@ def worker_load_memory(args) -> dict[str, Any]:
 
     from lora_jax.models import from_pretrained
 
+    reset_peak_rss()  # the window starts here (a no-op in a fresh process; needed in one that ran before)
     before = _proc_status_bytes("VmRSS")
     _, params, _ = from_pretrained(args.checkpoint, num_labels=3, with_tokenizer=False,
                                    quantize=None if args.base_format == "fp32" else args.base_format)

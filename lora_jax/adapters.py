@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from .config import LoraConfig
@@ -119,6 +120,8 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
         from .nnx_trees import load_nnx_params, nnx_params
 
         apply_adapter(nnx_params(base_params), adapter, strict=strict)  # the same checks: fit, base fingerprint
+        if isinstance(adapter, Adapter):
+            _adopt_nnx_scales(base_params, adapter)
         return load_nnx_params(base_params, adapter.params if isinstance(adapter, Adapter) else adapter)
     if isinstance(adapter, Adapter):
         adapter_params = adapter.params
@@ -135,6 +138,30 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
     flat = traverse_util.flatten_dict(dict(base_params))
     flat.update(traverse_util.flatten_dict(dict(adapter_params)))
     return traverse_util.unflatten_dict(flat)
+
+
+def _adopt_nnx_scales(model: Any, adapter: Adapter) -> None:
+    """Give each adapted NNX layer the adapter loads into the adapter's own scale (alpha, rsLoRA, its
+    rank there), as linen's apply under the adapter's config computes; a variant that differs (DoRA
+    or not) is refused before anything is written."""
+    from flax import nnx
+
+    from .nnx_transform import is_adapted
+
+    flat = traverse_util.flatten_dict(dict(adapter.params))
+    layers = []
+    for path, module in nnx.iter_modules(model):
+        key = tuple(str(p) for p in path)
+        if not is_adapted(module) or key + ("lora_A",) not in flat:
+            continue
+        if module.lora_config.use_dora != adapter.config.use_dora:
+            raise ValueError(f"layer '{path_str(key)}' of the model is {'DoRA' if module.lora_config.use_dora else 'plain LoRA'}"
+                             f" and the adapter is {'DoRA' if adapter.config.use_dora else 'plain LoRA'}: build the model "
+                             f"with the adapter's config (use_dora={adapter.config.use_dora})")
+        layers.append((module, int(np.shape(flat[key + ("lora_A",)])[-1])))
+    for module, rank in layers:
+        module.lora_config = module.lora_config.replace(rank=rank, alpha=adapter.config.alpha,
+                                                        rslora=adapter.config.rslora)
 
 
 def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], combination_type: str = "linear",
@@ -288,8 +315,8 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig) -> dic
             raise ValueError(f"layer '{path_str(module)}': the adapter has rank {rank}, the running model {slots} slots; "
                              f"start the model with at least the largest rank it will serve")
         ratio = adapter.config.scale_for(rank) / config.scale_for(slots)
-        out[module + ("lora_A",)] = _pad_to(a, tuple(slot_a.shape), module, "lora_A").astype(slot_a.dtype)
-        out[module + ("lora_B",)] = _pad_to(ratio * b, tuple(slot_b.shape), module, "lora_B").astype(slot_b.dtype)
+        out[module + ("lora_A",)] = _pad_to(a, tuple(slot_a.shape), module, "lora_A", rank).astype(slot_a.dtype)
+        out[module + ("lora_B",)] = _pad_to(ratio * b, tuple(slot_b.shape), module, "lora_B", rank).astype(slot_b.dtype)
     for key, value in new.items():
         if key[-1] in ("lora_A", "lora_B"):
             continue
@@ -305,9 +332,12 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig) -> dic
     return traverse_util.unflatten_dict(out)
 
 
-def _pad_to(value: jax.Array, shape: tuple[int, ...], module: tuple, name: str) -> jax.Array:
-    """Zero-pad ``value`` at the end of the one axis (the rank axis) where it is shorter than ``shape``."""
-    if value.ndim != len(shape) or any(v > s for v, s in zip(value.shape, shape)):
+def _pad_to(value: jax.Array, shape: tuple[int, ...], module: tuple, name: str, rank: int) -> jax.Array:
+    """Zero-pad ``value`` at the end of its rank axis to its slot's ``shape``. Only the rank may be
+    padded: every other axis (the layer's input and output widths) must match the slot exactly."""
+    differ = [i for i, (v, s) in enumerate(zip(value.shape, shape)) if v != s]
+    if value.ndim != len(shape) or len(differ) > 1 or any(value.shape[i] != rank or shape[i] < rank for i in differ):
         raise ValueError(f"{name} at '{path_str(module)}' has shape {tuple(value.shape)}, which does not fit its "
-                         f"slot {shape}")
+                         f"slot {shape}: only the rank ({rank}) may be smaller than the slot's; the layer's widths "
+                         f"must be equal (an adapter for another model?)")
     return jnp.pad(value, [(0, s - v) for v, s in zip(value.shape, shape)])

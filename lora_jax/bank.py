@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from .adapters import Adapter, hotswap_adapter
@@ -61,13 +62,16 @@ def bank_apply(model: Any, params: Params, bank: Params, index: jax.Array, *args
       params: its param tree; the leaves the bank holds are taken from the bank, the rest (the
         frozen base) is shared by every row.
       bank: from ``make_bank``.
-      index: (batch,) int adapter index per row, in [-1, N).
+      index: (batch,) int adapter index per row, in [-1, N). Checked where it is concrete (an error
+        names the bad rows); under ``jit`` an index outside the range cannot be seen and serves the
+        "no adapter" row (< -1) or is clamped to the last adapter (>= N), as jax gathers do.
       *args: the model's batched inputs (leading axis = batch); **kwargs: unbatched keyword arguments.
 
     Returns:
       The model's output for the batch, row by row as if each row ran with its own adapter.
     """
     n_rows = jax.tree.leaves(bank)[0].shape[0]
+    _check_index(index, n_rows - 1)
     index = jnp.asarray(index)
     if index.ndim != 1 or any(a.shape[0] != index.shape[0] for a in jax.tree.leaves(args)):
         raise ValueError(f"index must be (batch,) with one entry per row of every input; got index "
@@ -91,3 +95,18 @@ def bank_apply(model: Any, params: Params, bank: Params, index: jax.Array, *args
         return jax.tree.map(lambda o: o[0], out)
 
     return jax.vmap(one)(rows, *args)
+
+
+def _check_index(index: Any, n_adapters: int) -> None:
+    """ValueError for a non-integer index, or a concrete one outside [-1, n_adapters)."""
+    dtype = getattr(index, "dtype", None) if not isinstance(index, (list, tuple)) else np.asarray(index).dtype
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"index must be an integer array, one adapter index per row in [-1, {n_adapters}), got "
+                         f"{getattr(dtype, 'name', type(index).__name__)}")
+    if isinstance(index, jax.core.Tracer):
+        return  # under jit: not visible here
+    values = np.asarray(index)
+    bad = np.flatnonzero((values < -1) | (values >= n_adapters))
+    if bad.size:
+        raise ValueError(f"index rows {bad[:5].tolist()} hold {values[bad[:5]].tolist()}: the bank has {n_adapters} "
+                         f"adapters, so an index is -1 (no adapter) or 0..{n_adapters - 1}")

@@ -2,10 +2,13 @@
 
 The new version is written to a hidden sibling ``.<name>.tmp-<id>`` and swapped in with two
 renames: the old folder becomes ``.<name>.old-<id>``, the new one takes its name, and the old one is
-removed. A process killed between the two renames leaves only ``.<name>.old-<id>``;
-``recover_folder`` (run by every save and every load) renames it back. Leftover temporary folders
-of crashed saves are removed by the next save. Saves and recoveries in one parent folder hold an
-advisory lock on it (POSIX ``flock``), so concurrent writers never delete each other's work.
+removed. Before anything else a marker file ``.<name>.swap-<id>`` is written, and removed last:
+only folders whose ``<id>`` has our marker are ever renamed back or removed, so a user's own
+``.<name>.old-keep`` is never touched. A process killed between the two renames leaves
+``.<name>.old-<id>`` and its marker; ``recover_folder`` (run by every save and every load) renames
+it back. Leftover temporary folders of crashed saves are removed by the next save or load. Saves and
+recoveries in one parent folder hold an advisory lock on it (POSIX ``flock``), so concurrent writers
+never delete each other's work.
 
 Only a folder the caller recognises as its own (or an empty one) is ever replaced: anything else
 at the target path is an error, and nothing is touched.
@@ -51,10 +54,18 @@ def locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _siblings(target: Path, kind: str) -> list[Path]:
-    """Leftover ``.<name>.<kind>-*`` siblings of ``target``, newest first."""
-    found = [p for p in target.parent.glob(f".{target.name}.{kind}-*")]
-    return sorted(found, key=lambda p: p.stat().st_mtime if p.exists() else 0.0, reverse=True)
+_MARKER = "lora_jax folder swap in progress\n"  # the content of a swap's marker file
+
+
+def _swaps(target: Path) -> list[str]:
+    """The ids of this process's kind of swap left at ``target``: ``.<name>.swap-<id>`` files holding
+    our marker, newest first. A file of that name with other content is not ours."""
+    found = []
+    for marker in target.parent.glob(f".{target.name}.swap-*"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if marker.is_file() and not marker.is_symlink() and marker.read_text() == _MARKER:
+                found.append((marker.stat().st_mtime, marker.name.rsplit(".swap-", 1)[1]))
+    return [token for _, token in sorted(found, reverse=True)]
 
 
 def _remove(path: Path) -> None:
@@ -86,22 +97,32 @@ def check_replaceable(target: Path, recognise: Recognise, what: str) -> None:
 def recover_folder(target: Path, recognise: Recognise) -> bool:
     """Finish what a killed replacement left behind; call with the parent's lock held.
 
-    If ``target`` is missing and a complete ``.<name>.old-*`` sibling exists, it is renamed back (True
-    is returned). Other ``.old-*`` and every ``.tmp-*`` sibling are leftovers and are removed.
+    Only swaps with our marker are looked at. If ``target`` is missing and a complete
+    ``.<name>.old-<id>`` of one exists, it is renamed back (True is returned); the rest of those
+    swaps' folders and their markers are removed. Anything else beside ``target`` is left alone.
     """
     if not target.parent.is_dir():
         return False
     restored = False
-    olds = _siblings(target, "old")
+    tokens = _swaps(target)
     if not target.exists():
-        for old in olds:
-            if recognise(old) is None:
+        for token in tokens:
+            old = target.parent / f".{target.name}.old-{token}"
+            if old.is_dir() and not old.is_symlink() and recognise(old) is None:
                 _rename(old, target)
                 restored = True
                 break
-    for leftover in _siblings(target, "old") + _siblings(target, "tmp"):
-        _remove(leftover)
+    for token in tokens:
+        _finish(target, token)
     return restored
+
+
+def _finish(target: Path, token: str) -> None:
+    """Remove swap ``token``'s folders (its old version, its temporary ones), then its marker."""
+    for leftover in [target.parent / f".{target.name}.old-{token}",
+                     *target.parent.glob(f".{target.name}.tmp-{token}*")]:  # the writer's own temp names too
+        _remove(leftover)
+    _remove(target.parent / f".{target.name}.swap-{token}")
 
 
 def replace_folder(target: Path, write: Callable[[Path], None], recognise: Recognise, what: str) -> Path:
@@ -117,17 +138,25 @@ def replace_folder(target: Path, write: Callable[[Path], None], recognise: Recog
         recover_folder(target, recognise)
         check_replaceable(target, recognise, what)  # again, under the lock
         token = uuid.uuid4().hex[:8]
+        marker = target.parent / f".{target.name}.swap-{token}"
+        with open(marker, "x", encoding="utf-8") as f:  # first: it makes this swap's folders ours
+            f.write(_MARKER)
+            f.flush()
+            os.fsync(f.fileno())
         tmp = target.parent / f".{target.name}.tmp-{token}"
         try:
             write(tmp)
             if not target.exists():
                 _rename(tmp, target)
             else:
-                old = target.parent / f".{target.name}.old-{token}"
-                _rename(target, old)
+                _rename(target, target.parent / f".{target.name}.old-{token}")
                 _rename(tmp, target)
-                _remove(old)
         finally:
-            for partial in target.parent.glob(f".{target.name}.tmp-{token}*"):  # the writer's own temp names too
-                _remove(partial)
+            if target.exists():  # else the old version waits, with its marker, for recover_folder
+                _finish(target, token)
+            else:
+                for partial in target.parent.glob(f".{target.name}.tmp-{token}*"):
+                    _remove(partial)
+                if not (target.parent / f".{target.name}.old-{token}").exists():
+                    _remove(marker)
     return target

@@ -172,3 +172,29 @@ def test_hotswapping_adapters_of_other_ranks_and_scales_does_not_recompile():
     too_big = lora_jax.Adapter({"fc1": {"lora_A": jnp.ones((10, 9)), "lora_B": jnp.ones((9, 16))}}, adapters[0][2].config)
     with pytest.raises(ValueError, match="rank 9, the running model 8 slots"):
         lora_jax.hotswap_adapter(params, too_big, slots)
+
+
+def test_nnx_apply_adapter_uses_the_adapters_own_scale_and_refuses_another_variant():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(6, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    x = np.asarray(jax.random.normal(jax.random.key(0), (3, 6)))
+    a = np.asarray(jax.random.normal(jax.random.key(1), (6, 2)))
+    b = np.asarray(jax.random.normal(jax.random.key(2), (2, 4)))
+    for adapter_config in (LoraConfig(rank=2, alpha=32, targets=("fc",)),
+                           LoraConfig(rank=2, alpha=8, rslora=True, targets=("fc",))):
+        model = lora_jax.lora(Net(nnx.Rngs(0)), LoraConfig(rank=2, alpha=4, targets=("fc",)), rngs=nnx.Rngs(1))
+        w, bias = np.asarray(model.fc.kernel[...]), np.asarray(model.fc.bias[...])
+        lora_jax.apply_adapter(model, lora_jax.Adapter({"fc": {"lora_A": a, "lora_B": b}}, adapter_config))
+        scale = adapter_config.alpha / (np.sqrt(2) if adapter_config.rslora else 2)  # the adapter's, not alpha 4's
+        np.testing.assert_allclose(model(x), x @ w + bias + scale * (x @ a) @ b, rtol=1e-5, atol=1e-5)
+    dora_model = lora_jax.lora(Net(nnx.Rngs(0)), LoraConfig(rank=2, targets=("fc",), use_dora=True), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="'fc' of the model is DoRA and the adapter is plain LoRA"):
+        lora_jax.apply_adapter(dora_model, lora_jax.Adapter({"fc": {"lora_A": a, "lora_B": b}},
+                                                            LoraConfig(rank=2, targets=("fc",))))

@@ -36,3 +36,22 @@ def test_mixed_batch_equals_each_row_with_its_own_adapter_and_gradients_stay_in_
     unused = lora_jax.bank_apply(served, params, bank, jnp.array([0, 0, 0, 0, 0, 0, 0]), x)
     grads = jax.grad(lambda b: lora_jax.bank_apply(served, params, b, jnp.zeros(7, int), x).sum())(bank)
     assert all(float(jnp.abs(g[1:]).max()) == 0 for g in jax.tree.leaves(grads)) and unused.shape == (7, 3)
+
+
+def test_out_of_range_or_float_indices_and_adapters_of_other_widths_are_refused():
+    import pytest
+
+    x = jax.random.normal(jax.random.key(3), (3, 10))
+    served, slots, params, adapters = served_mlp_and_adapters(x)
+    bank = lora_jax.make_bank(params, [a for _, _, a in adapters], slots)
+    for index, message in ((jnp.array([0, 3, -1]), r"rows \[1\] hold \[3\]"), (jnp.array([0, -2, 1]), r"rows \[1\] hold \[-2\]"),
+                           (jnp.array([0.0, 1.0, 2.0]), "integer array")):
+        with pytest.raises(ValueError, match=message):
+            lora_jax.bank_apply(served, params, bank, index, x)
+    own_config, adapter = adapters[0][2].config, adapters[0][2]
+    wider = jax.tree.map(lambda v: jnp.concatenate([v, v], 0) if v.ndim == 2 and v.shape[0] == 10 else v,
+                         dict(adapter.params))  # lora_A of fc1 for 20 inputs instead of 10
+    with pytest.raises(ValueError, match=r"lora_A at 'fc1' has shape \(20, \d+\).*only the rank"):
+        lora_jax.hotswap_adapter(params, lora_jax.Adapter(wider, own_config), slots)
+    with pytest.raises(ValueError, match="only the rank"):
+        lora_jax.make_bank(params, [lora_jax.Adapter(wider, own_config)], slots)

@@ -361,3 +361,15 @@ def test_saving_and_loading_print_nothing_even_for_a_damaged_adapter(tmp_path, c
         lora_jax.load_adapter(path)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == "", captured
+
+
+def test_saving_and_loading_never_delete_a_users_folders_named_like_leftovers(tmp_path):
+    _, config, params = _mlp_lora()[:3]
+    path = lora_jax.save_adapter(tmp_path / "x", params, config)
+    own = [tmp_path / ".x.old-keep", tmp_path / ".x.tmp-notes", tmp_path / ".x.old-0a1b2c3d"]
+    for folder in own:
+        folder.mkdir()
+        (folder / "mine.txt").write_text("user data")
+    lora_jax.load_adapter(path)  # a read call
+    lora_jax.save_adapter(path, params, config)  # an overwrite
+    assert all((folder / "mine.txt").read_text() == "user data" for folder in own)

@@ -118,3 +118,38 @@ def test_rename_seam_is_the_one_used(tmp_path, monkeypatch):
     replace_folder(tmp_path / "a", writer("1"), recognise, "a test folder")
     replace_folder(tmp_path / "a", writer("2"), recognise, "a test folder")
     assert len(calls) == 3 and calls[0] == tmp_path / "a" and calls[2] == tmp_path / "a"
+
+
+def test_folders_named_like_leftovers_but_not_ours_are_never_touched(tmp_path):
+    # a user's own folders that happen to look like a swap's leftovers: no marker of ours, so kept
+    own = [tmp_path / ".a.old-keep", tmp_path / ".a.tmp-mine", tmp_path / ".a.old-1234abcd"]
+    for folder in own:
+        folder.mkdir()
+        (folder / "VERSION").write_text("user")
+    (tmp_path / ".a.swap-1234abcd").write_text("not our marker")  # a marker's name with other content
+    replace_folder(tmp_path / "a", writer("1"), recognise, "a test folder")
+    assert not recover_folder(tmp_path / "b", recognise)
+    recover_folder(tmp_path / "a", recognise)  # what every load runs
+    (tmp_path / "a").rename(tmp_path / "gone")  # even with the target missing, a folder not ours stays put
+    assert not recover_folder(tmp_path / "a", recognise)
+    assert all((folder / "VERSION").read_text() == "user" for folder in own)
+    assert listing(tmp_path) == [".a.old-1234abcd", ".a.old-keep", ".a.swap-1234abcd", ".a.tmp-mine", "gone"]
+
+
+def test_a_swap_stopped_between_its_renames_is_recovered_and_cleaned_up(tmp_path, monkeypatch):
+    replace_folder(tmp_path / "a", writer("1"), recognise, "a test folder")
+    calls = []
+
+    def failing_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("stopped between the renames")
+        os.replace(src, dst)
+
+    monkeypatch.setattr(folder_swap, "_rename", failing_second_rename)
+    with pytest.raises(OSError, match="between the renames"):
+        replace_folder(tmp_path / "a", writer("2"), recognise, "a test folder")
+    assert not (tmp_path / "a").exists()  # the old version waits beside its marker
+    monkeypatch.setattr(folder_swap, "_rename", os.replace)
+    assert recover_folder(tmp_path / "a", recognise)
+    assert (tmp_path / "a" / "VERSION").read_text() == "1" and listing(tmp_path) == ["a"]

@@ -434,7 +434,7 @@ def worker_decoder(args) -> dict[str, Any]:
     runs = {}
     for remat in DECODER_REMAT:
         model, config, ids, lora_model = _decoder_setup(args, remat)
-        for fmt in ("fp32", "int8", "nf4"):
+        for fmt in DECODER_FORMATS:
             params = _decoder_params(args, lora_model, ids, None if fmt == "fp32" else fmt, config)
             run, step, holder = _decoder_step(lora_model, params, config, ids)
             xla = compiled_stats(step.lower(holder["state"], ids))
@@ -639,6 +639,7 @@ def main(argv=None) -> dict[str, Any]:
 DECODER_BATCH, DECODER_SEQ = 2, 64  # a small fine-tuning batch: the decoder's weights dominate its step
 DECODER_SIZE: dict[str, int] = {}  # experiments.decoder.Decoder's defaults: 12 layers, hidden 2048
 DECODER_REMAT = (False, True)  # the step's bytes without and with nn.remat on each block
+DECODER_FORMATS = ("fp32", "int8", "nf4")
 
 
 def _write_checkpoint(model: str, folder: Path) -> str | None:

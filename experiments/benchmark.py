@@ -121,17 +121,20 @@ def jax_setup(model_name: str, batch: int, seq: int, rank: int = RANK, remat: st
     return model, params, lora_model, lora_params, config, data
 
 
-def jax_step(net, params, mask, data):
-    """Our jitted train step on ``data`` with dropout on: (run_one_step, TrainStep, state holder)."""
+def jax_step(net, params, mask, data, loss_fn=None):
+    """Our jitted train step on ``data`` with dropout on: (run_one_step, TrainStep, state holder).
+    ``loss_fn(params, batch, rng)``: the classifier's cross-entropy unless given."""
     import jax
     import optax
 
     import lora_jax
 
-    def loss_fn(p, batch, rng):
+    def classifier_loss(p, batch, rng):
         logits = net.apply({"params": p}, batch["ids"], batch["mask"], deterministic=False,
                            rngs=lora_jax.dropout_rngs(rng, "dropout", "lora_dropout"))
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    loss_fn = loss_fn or classifier_loss
 
     tx = optax.adamw(1e-4)
     holder = {"state": lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))}
@@ -391,22 +394,12 @@ def _decoder_setup(args, remat: bool, params: Any = None):
 
 
 def _decoder_step(lora_model, params, config, ids):
-    import jax
-    import optax
-
+    """``jax_step`` with the decoder's next-token loss on the batch ``ids``."""
     import lora_jax
     from .decoder import next_token_loss
 
-    mask = lora_jax.trainable_mask(params, config)
-    tx = optax.adamw(1e-4)
-    holder = {"state": lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))}
-    step = lora_jax.make_train_step(lambda p, b, r: next_token_loss(lora_model.apply({"params": p}, b), b), tx, mask)
-
-    def run():
-        holder["state"], metrics = step(holder["state"], ids)
-        jax.block_until_ready(metrics["loss"])
-
-    return run, step, holder
+    return jax_step(lora_model, params, lora_jax.trainable_mask(params, config), ids,
+                    loss_fn=lambda p, batch, rng: next_token_loss(lora_model.apply({"params": p}, batch), batch))
 
 
 def _decoder_params(args, lora_model, ids, fmt: str | None, config):

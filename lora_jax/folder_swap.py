@@ -152,11 +152,9 @@ def replace_folder(target: Path, write: Callable[[Path], None], recognise: Recog
                 _rename(target, target.parent / f".{target.name}.old-{token}")
                 _rename(tmp, target)
         finally:
-            if target.exists():  # else the old version waits, with its marker, for recover_folder
+            if target.exists() or not (target.parent / f".{target.name}.old-{token}").exists():
                 _finish(target, token)
-            else:
+            else:  # stopped between the renames: the old version waits, with its marker, for recover_folder
                 for partial in target.parent.glob(f".{target.name}.tmp-{token}*"):
                     _remove(partial)
-                if not (target.parent / f".{target.name}.old-{token}").exists():
-                    _remove(marker)
     return target

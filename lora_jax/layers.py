@@ -20,9 +20,9 @@ import flax.linen as nn
 
 from .config import LoraConfig
 from .core import forward, kinds
-from .core.forward import Plan, check_variant_supported
+from .core.forward import Plan, check_variant_supported, split_input
 from .core.init import a_initializer
-from .core.variants import ADAPTER_LEAVES
+from .core.variants import foreign_leaves
 
 Array = jax.Array
 
@@ -77,10 +77,7 @@ def quantized_base_output(module: nn.Module, kind: str, box: Any, args: tuple, k
     call goes through ``QuantizedKernel.apply``, whose backward pass dequantizes again instead of
     keeping the kernel from the forward pass.
     """
-    if args:
-        x, rest = args[0], args[1:]
-    else:  # the input by keyword: flax layers name it 'inputs' (an Embed's attend, 'query')
-        x, rest = kwargs.pop("inputs" if "inputs" in kwargs else next(iter(kwargs))), ()
+    x, rest, kwargs = split_input(args, kwargs)
     scope = module.scope
     bias = nn.meta.unbox(scope.get_variable("params", "bias")) if scope.has_variable("params", "bias") else None
     name = base_leaf_name(kind)
@@ -145,7 +142,7 @@ def _adapter_params(module, config, path, plan: Plan, kind, rank, scale, weight)
                 raise ValueError(f"{name} at '{path}' has shape {have}, but this layer needs {tuple(want)}")
     if scope.has_variable("params", "lora_A") != scope.has_variable("params", "lora_B"):
         raise ValueError(f"layer '{path}' holds only one of lora_A / lora_B; an adapter needs both")
-    stray = [leaf for leaf in ADAPTER_LEAVES[2:] if leaf not in variant.leaves and scope.has_variable("params", leaf)]
+    stray = foreign_leaves(variant, lambda leaf: scope.has_variable("params", leaf))
     if stray:
         raise ValueError(f"layer '{path}' holds {stray}, leaves of another LoRA variant than '{variant.name}': "
                          f"set the config's use_dora to match the adapter")

@@ -15,7 +15,7 @@ from flax.core import meta
 
 from .config import LoraConfig
 from .core.kinds import delta
-from .core.variants import ADAPTER_LEAVES
+from .core.variants import ADAPTER_LEAVES, foreign_leaves
 from .masking import NO_LORA_LEAVES
 from .targets import path_str
 
@@ -80,7 +80,7 @@ def merge(params: Params, config: LoraConfig) -> dict:
     if not modules:
         raise ValueError(f"merge: {NO_LORA_LEAVES} (already merged params need no merge)")
     for module in modules:
-        stray = [leaf for leaf in ADAPTER_LEAVES[2:] if leaf not in config.variant.leaves and module + (leaf,) in flat]
+        stray = foreign_leaves(config.variant, lambda leaf: module + (leaf,) in flat)
         if stray:
             raise ValueError(f"merge: layer '{path_str(module)}' holds {stray}, leaves of another LoRA variant than "
                              f"the config's '{config.variant.name}': a plain merge would drop them and give another "
@@ -108,6 +108,8 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
     >>> float(abs(restored["fc"]["kernel"]).max()), sorted(restored["fc"])
     (0.0, ['kernel', 'lora_A', 'lora_B'])
     """
+    from .quantize import is_quantized
+
     flat = traverse_util.flatten_dict(dict(params))
     flat_adapter = {k: v for k, v in traverse_util.flatten_dict(dict(adapter)).items() if k[-1] in ADAPTER_LEAVES}
     modules = _modules_with_lora(flat_adapter)
@@ -117,7 +119,7 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
         if module + ("lora_A",) in flat:
             raise ValueError(f"module '{path_str(module)}' already holds LoRA leaves: these params are not merged")
         key = base_leaf_key(flat, module)
-        if type(flat[key]).__name__ == "QuantizedKernel":  # merge_requantized's output: the codes are new
+        if is_quantized(flat[key]):  # merge_requantized's output: the codes are new
             raise ValueError(f"unmerge: the kernel at '{path_str(module)}' is quantized (merge_requantized): the "
                              f"merged kernel was rounded again, so subtracting the update would not give the base "
                              f"back. Keep the unmerged params (merge is pure) or reload the quantized base")

@@ -38,7 +38,7 @@ from flax.core import meta
 
 from .config import LoraConfig
 from .core import kinds
-from .core.forward import Plan, adapted_output, check_variant_supported
+from .core.forward import Plan, adapted_output, check_variant_supported, split_input
 from .core.init import a_initializer
 from .nnx_trees import nnx_params
 from .target_report import TargetReport, check_targets
@@ -202,11 +202,7 @@ def base_call(module: Any, method: str, args: tuple, kwargs: dict) -> Array:
     if not isinstance(variable, QuantizedParam) or not isinstance(variable.get_raw_value(), meta.AxisMetadata):
         return getattr(plain, method)(module, *args, **kwargs)
     box = variable.get_raw_value()
-    kwargs = dict(kwargs)
-    if args:
-        x, rest = args[0], args[1:]
-    else:
-        x, rest = kwargs.pop("inputs" if "inputs" in kwargs else next(iter(kwargs))), ()
+    x, rest, kwargs = split_input(args, kwargs)
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias[...]
 

@@ -118,9 +118,10 @@ def dequantize(weight: Int8Weight | Nf4Weight, dtype: Any = jnp.float32) -> jax.
 
 
 MAX_BLOCK = 4096  # NF4 weights per absmax: larger blocks only pad small layers and lose precision
-# Above these relative errors on the ordinary weights (|w| up to 6 rms), a layer's weights are not what
-# the format expects (a Gaussian-like kernel gives about 0.008 in int8 and 0.09 in NF4; one outlier
-# sets the scale of its column, block and group of blocks, and the rest is rounded coarsely): quantize warns.
+# The relative error of the ordinary weights (|w| up to 6 rms) that a Gaussian-like kernel takes, and
+# above which a layer's weights are not what the format expects (one outlier sets the scale of its
+# column, block and group of blocks, and the rest is rounded coarsely): quantize warns.
+_USUAL_ERROR = {"int8": 0.008, "nf4": 0.09}
 ERROR_WARNING = {"int8": 0.04, "nf4": 0.15}
 
 
@@ -286,7 +287,7 @@ class KernelQuantizer:
         self.errors[where] = {"relative": relative, "max_abs": max_abs, "relative_ordinary": ordinary}
         if ordinary > ERROR_WARNING[self.format]:
             warnings.warn(f"quantize: {self.format} changes the ordinary weights (within 6 rms) of the kernel at "
-                          f"'{where}' by {ordinary:.1%} (a Gaussian kernel: about {ERROR_WARNING[self.format] / 3:.0%}):"
+                          f"'{where}' by {ordinary:.1%} (a Gaussian kernel: about {_USUAL_ERROR[self.format]:.1%}):"
                           f" outliers set the scale of their {'block' if self.format == 'nf4' else 'column'} and the "
                           f"rest is rounded coarsely. Leave the layer out, or use int8 / a smaller block",
                           stacklevel=3)
@@ -297,9 +298,7 @@ def _check_layer(module: tuple[str, ...], kernel: Any, flat: dict, quantizer: Ke
     kernel that carries a stack's leading axis (its bias does too) without ``stacked=`` naming it."""
     where = path_str(module)
     if module + ("lora_magnitude",) in flat:
-        raise ValueError(f"layer '{where}' has a DoRA magnitude, computed from its float kernel: on the quantized "
-                         f"kernel the model would no longer start from the base. Quantize the base first, then add "
-                         f"the adapter (init_lora_params or apply_adapter on the quantized tree)")
+        raise _dora_before_quantize(where)
     bias = flat.get(module + ("bias",))
     shape = np.shape(kernel)
     if bias is not None and not _under(quantizer.stacked, module):
@@ -308,6 +307,13 @@ def _check_layer(module: tuple[str, ...], kernel: Any, flat: dict, quantizer: Ke
             raise ValueError(f"the kernel at '{where}' {tuple(shape)} and its bias {b} share a leading axis of "
                              f"{shape[0]}: a stack of layers (nn.scan / nn.vmap). Name the stacked module in "
                              f"stacked=, e.g. stacked=('{module[0]}',), so that each layer is quantized on its own")
+
+
+def _dora_before_quantize(where: str) -> ValueError:
+    return ValueError(f"layer '{where}' has a DoRA magnitude, computed from its float kernel: on the quantized kernel "
+                      f"the model would no longer start from the base. Quantize the base first, then add the adapter "
+                      f"(linen: init_lora_params or apply_adapter on the quantized tree; NNX: lora(...) on the "
+                      f"quantized model)")
 
 
 def _check_chosen(chosen: list, layers: str, config: LoraConfig, already: bool = False) -> None:
@@ -333,25 +339,19 @@ def _quantize_nnx(model: nnx.Module, quantizer: KernelQuantizer, layers: str, co
             continue
         where = "/".join(str(p) for p in path)
         if hasattr(module, "lora_magnitude"):
-            raise ValueError(f"layer '{where}' has a DoRA magnitude, computed from its float kernel: on the "
-                             f"quantized kernel the model would no longer start from the base. Quantize the model "
-                             f"first, then add the adapter (lora(...) or apply_adapter)")
-        chosen.append((module, kind))
-    for module, kind in chosen:
+            raise _dora_before_quantize(where)
+        chosen.append((where, module, kind))
+    for where, module, kind in chosen:
         kernel = module.kernel[...]
         n_stacked = kernel.ndim - one_layer_ndim(module, kind)
         box, figures = _quantize_array(kernel, quantizer.format, quantizer.block, n_stacked,
                                        config.quantized_compute_dtype, quantizer.measure)
-        quantizer.record(getattr(module, "lora_path", None) or _nnx_path(model, module), figures)
+        quantizer.record(where, figures)
         module.kernel = QuantizedParam(box)
         if not is_adapted(module):  # an adapted layer's call already dequantizes at the point of use
             module.__class__ = quantized_class(type(module))
     _check_chosen(quantizer.chosen, layers, config, already)
     return model
-
-
-def _nnx_path(model: nnx.Module, layer: Any) -> str:
-    return next("/".join(str(p) for p in path) for path, module in nnx.iter_modules(model) if module is layer)
 
 
 def is_quantized(leaf: Any) -> bool:

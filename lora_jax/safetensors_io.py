@@ -29,8 +29,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     try:
         return dict(load_file(str(path)))
     except (SafetensorError, ValueError, TypeError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); "
-                         f"it may be truncated or damaged: download or export it again") from None
+        raise _unreadable(path, err) from None
 
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -178,7 +177,7 @@ def save_params(path: str | Path, params: dict) -> None:
 
 def read_params(path: str | Path, like: dict, convert=None) -> dict:
     """The param tree ``save_params`` wrote, shaped like ``like`` (arrays or ``jax.eval_shape``'s
-    structs), each tensor read from the memory-mapped file and handed to ``convert(key, array)``
+    structs), each tensor read from the file and handed to ``convert(key, array)``
     (e.g. ``lora_jax.KernelQuantizer``) before the next is read: a quantized load never holds the
     float tree.
 
@@ -195,8 +194,7 @@ def read_params(path: str | Path, like: dict, convert=None) -> dict:
 
     tensors = open_safetensors(path)
     out = {}
-    flat = traverse_util.flatten_dict(like)
-    for key, value in flat.items():
+    for key, value in traverse_util.flatten_dict(like).items():
         name = "/".join(key)
         if name not in tensors:
             raise ValueError(f"{path} has no tensor '{name}' (it holds {len(tensors)} others)")
@@ -205,7 +203,7 @@ def read_params(path: str | Path, like: dict, convert=None) -> dict:
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(array.shape)}, the model needs "
                              f"{tuple(value.shape)}")
         leaf = adopt(array, value.dtype)
-        del array
+        del array  # before converting: a quantized kernel's float copy is then the leaf's alone
         if convert is not None:
             converted = convert(key, leaf)
             if converted is not leaf:
@@ -213,4 +211,4 @@ def read_params(path: str | Path, like: dict, convert=None) -> dict:
                 release_freed_memory()
             leaf = converted
         out[key] = leaf
-    return traverse_util.unflatten_dict({key: out[key] for key in flat})
+    return traverse_util.unflatten_dict(out)

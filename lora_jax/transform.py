@@ -74,7 +74,7 @@ class LoraModule(nn.Module):
                 record.hits[t] += 1
             box = quantized_kernel(module, kind)
             base = next_fun if box is None else \
-                (lambda *a, **k: quantized_base_output(module, kind, box, a, dict(k), context.method_name))
+                (lambda *a, **k: quantized_base_output(module, kind, box, a, k, context.method_name))
             if not selected or any_matches(config.exclude, path):
                 return base(*args, **kwargs)
             record.targeted.add(path)

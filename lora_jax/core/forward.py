@@ -49,6 +49,19 @@ class Plan:
     einsum_axes: kinds.EinsumAxes | None = None
 
 
+def split_input(args: tuple, kwargs: dict) -> tuple[Array, tuple, dict]:
+    """``(x, other positional args, other keyword args)`` of a layer call: the first positional
+    argument, or else the keyword flax layers name it by ('inputs'; an Embed's attend, 'query').
+
+    >>> split_input((), {"inputs": 1, "einsum_str": "ab,bc->ac"})
+    (1, (), {'einsum_str': 'ab,bc->ac'})
+    """
+    if args:
+        return args[0], args[1:], dict(kwargs)
+    rest = dict(kwargs)
+    return rest.pop("inputs" if "inputs" in rest else next(iter(rest))), (), rest
+
+
 def check_variant_supported(plan: Plan, variant: Variant, where: str, what: str) -> None:
     """NotImplementedError naming the layer if ``variant`` needs a base term this call cannot give."""
     if variant.leaves and plan.base_term is None:

@@ -143,3 +143,13 @@ LORA = PlainLora()
 DORA = Dora()
 VARIANTS = (LORA, DORA)
 ADAPTER_LEAVES: tuple[str, ...] = ("lora_A", "lora_B") + tuple(leaf for v in VARIANTS for leaf in v.leaves)
+
+
+def foreign_leaves(variant: Variant, has: Callable[[str], bool]) -> list[str]:
+    """The leaves of other variants that a layer holds (``has(name)``): a DoRA magnitude under a plain
+    config, say, which ``variant`` would silently ignore.
+
+    >>> foreign_leaves(LORA, lambda name: name in ("lora_A", "lora_B", "lora_magnitude"))
+    ['lora_magnitude']
+    """
+    return [leaf for leaf in ADAPTER_LEAVES[2:] if leaf not in variant.leaves and has(leaf)]

@@ -76,7 +76,7 @@ def _memory_bytes() -> int:
 
 def read_state_dict(model_dir: Path) -> Mapping[str, np.ndarray]:
     """Every tensor of a checkpoint folder, keyed by its PyTorch name: a lazy Mapping over safetensors
-    (one file, or shards with an index; each tensor read from the memory-mapped file when looked up),
+    (one file, or shards with an index; each tensor read from the file when looked up),
     else the arrays of ``pytorch_model.bin`` (read whole, by a restricted reader: ``load_torch_bin``).
 
     Safetensors are preferred whenever present; ``pytorch_model.bin`` is read only when no
@@ -166,7 +166,7 @@ def load_weights(params: dict, state: Mapping[str, np.ndarray], config: BertConf
                              f"fit our leaf '{'/'.join(key)}' of shape {tuple(value.shape)} (as stored: "
                              f"{tuple(_to_leaf(np.empty(value.shape), leaf).shape)})")
         leaf_value = adopt(array, value.dtype)  # no second host copy of a tensor already in its layout
-        del array
+        del array  # before converting: a quantized kernel's float copy is then the leaf's alone
         if convert is not None:
             converted = convert(key, leaf_value)
             if converted is not leaf_value:  # a kernel quantized: its float copy is gone, give the space back
@@ -195,8 +195,8 @@ def from_pretrained(name_or_path: str | Path, task: str = "sequence_classificati
                     quantize_layers: Literal["targets", "all"] = "all", **config_overrides: Any) -> Pretrained:
     """Load a Hugging Face BERT/RoBERTa checkpoint into our Flax model.
 
-    The param tree is built leaf by leaf from the checkpoint (safetensors are read tensor by tensor
-    from the memory-mapped file); only the leaves the checkpoint lacks (a new task head) are
+    The param tree is built leaf by leaf from the checkpoint (safetensors are read tensor by tensor);
+    only the leaves the checkpoint lacks (a new task head) are
     initialised. With ``quantize``, each selected kernel is quantized as soon as it is read, so the
     float32 tree never exists in memory: the result is ``lora_jax.quantize(params, ...)`` of the
     float load, without its peak.

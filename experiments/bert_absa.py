@@ -99,6 +99,18 @@ def batches(encoded: list[dict], batch_size: int, max_len: int, pad_id: int,
             idx + [-1] * (batch_size - len(idx)))}
 
 
+def check_splits(data: dict[str, list[AspectExample]], dev_fraction: float) -> None:
+    """ValueError if the train, dev (``dev_fraction`` of train, per class) or test split would be empty."""
+    counts = np.bincount([e.label for e in data["train"]], minlength=len(LABELS))
+    dev = sum(int(round(dev_fraction * n)) for n in counts)
+    sizes = {"train": len(data["train"]) - dev, "dev": dev, "test": len(data["test"])}
+    empty = [name for name, n in sizes.items() if n == 0]
+    if empty:
+        raise ValueError(f"the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty ({len(data['train'])} "
+                         f"training examples, {dev_fraction:.0%} held out as dev per class, {len(data['test'])} test): "
+                         f"raise --limit or --dev-fraction")
+
+
 def dev_split(examples: list[AspectExample], fraction: float, seed: int) -> tuple[list, list]:
     """Stratified train/dev split of the training file."""
     rng = np.random.RandomState(seed)
@@ -196,6 +208,9 @@ def train_one(args, mode: str, seed: int, data: dict[str, list[AspectExample]], 
     early-stopped on dev; evaluate on test; save the adapter under ``out``."""
     # QLoRA: the base's frozen kernels (every one but the trained head) are stored int8 / NF4 from the load on
     model, base_params, tokenizer = make_model(args, seed, quantize=args.quantize if mode == "lora" else "none")
+    if args.max_len > model.config.max_tokens:
+        raise ValueError(f"--max-len {args.max_len} exceeds the {model.config.max_tokens} tokens {args.model}'s position "
+                         f"embeddings cover; pass at most that")
     pad_id = tokenizer.pad_token_id or 0
     train, dev = dev_split(data["train"], args.dev_fraction, seed)
     enc = {name: encode(split, tokenizer, args.max_len) for name, split in
@@ -358,6 +373,7 @@ def cmd_train(args) -> dict[str, Any]:
     data = load_semeval(args.domain, args.data_dir, keep_conflict=args.keep_conflict)
     if args.limit is not None:
         data = {k: v[: args.limit] for k, v in data.items()}
+    check_splits(data, args.dev_fraction)
     with output_dir(args.out, "bert_absa") as out:
         return _train_and_report(args, data, out)
 
@@ -419,7 +435,7 @@ def read_rows(path: Path) -> list[tuple[str, str, str]]:
         return [(e.sentence, e.aspect, e.origin) for e in read_seg(path)]
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of row 1
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     for number, line in enumerate(lines, 1):
@@ -435,27 +451,63 @@ def read_rows(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def check_output_path(path: Path) -> Path:
+    """``--output`` checked before any inference: a file path (``~`` expanded) whose parent is, or can
+    be, a folder."""
+    path = path.expanduser()
+    if path.is_dir() or not path.name or path.name in (".", ".."):
+        raise ValueError(f"--output {path} is a folder; give a file such as {path / 'predictions.jsonl'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--output {path}: {parent} is a file, not a folder")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise ValueError(f"--output {path}: {parent} is not writable")
+    return path
+
+
 def write_predictions(results: list[dict[str, Any]], path: Path, labels: Sequence[str]) -> None:
-    """JSONL (one object per row) or CSV (sentence, aspect, sentiment, one probability column per label)."""
+    """JSONL (one object per row) or CSV (sentence, aspect, sentiment, one probability column per label),
+    written to a temporary file and renamed, which is removed again if writing fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        if path.suffix == ".csv":
-            writer = csv.writer(f)
-            writer.writerow(["sentence", "aspect", "sentiment", *(f"p_{label}" for label in labels)])
-            for r in results:
-                writer.writerow([r["sentence"], r["aspect"], r["sentiment"], *(r["probabilities"][l] for l in labels)])
-        else:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                writer = csv.writer(f)
+                writer.writerow(["sentence", "aspect", "sentiment", *(f"p_{label}" for label in labels)])
+                for r in results:
+                    writer.writerow([r["sentence"], r["aspect"], r["sentiment"], *(r["probabilities"][l] for l in labels)])
+            else:
+                for r in results:
+                    f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def adapter_settings(adapter: lora_jax.Adapter, path: str) -> dict[str, Any]:
+    """What predict reads from an adapter's metadata, checked: ``labels`` (one distinct name per class
+    of the head), ``max_len`` (tokens, at least 8), ``quantize`` (the base's stored format)."""
+    meta = adapter.metadata
+    labels = meta.get("labels", list(LABELS))
+    if not isinstance(labels, list) or len(labels) != len(LABELS) or len(set(labels)) != len(labels) \
+            or not all(isinstance(l, str) and l for l in labels):
+        raise ValueError(f"adapter {path}: metadata 'labels' must list {len(LABELS)} distinct names (one per class of "
+                         f"its head), got {labels!r}")
+    max_len = meta.get("max_len", 128)
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 8:
+        raise ValueError(f"adapter {path}: metadata 'max_len' must be an integer of at least 8 tokens, got {max_len!r}")
+    fmt = meta.get("quantize", "none")
+    if fmt not in ("none", "int8", "nf4"):
+        raise ValueError(f"adapter {path}: metadata 'quantize' must be 'none', 'int8' or 'nf4', got {fmt!r}")
+    return {"labels": labels, "max_len": max_len, "quantize": fmt}
 
 
 def load_base_as_trained(name: str, adapter: lora_jax.Adapter, **kwargs: Any):
     """``from_pretrained(name)`` with the base stored as the adapter's training stored it: quantized
     while loading when ``train --quantize`` recorded a format in its metadata (so the base fingerprint
     matches), else as read."""
-    fmt = adapter.metadata.get("quantize", "none")
+    fmt = adapter_settings(adapter, f"(for {name})")["quantize"]
     return from_pretrained(name, num_labels=len(LABELS), **quantized_load(fmt, adapter.config), **kwargs)
 
 
@@ -464,14 +516,18 @@ def cmd_predict(args) -> list[dict[str, Any]]:
     if args.input is not None:
         rows += read_rows(args.input)
     check_rows(rows)
+    output = check_output_path(args.output) if args.output is not None else None
     adapter = lora_jax.load_adapter(args.adapter)
-    adapter_meta = adapter.metadata
-    model, base_params, tokenizer = load_base_as_trained(adapter_meta.get("base_model") or PACKAGED_MINILM, adapter)
+    settings = adapter_settings(adapter, args.adapter)
+    model, base_params, tokenizer = load_base_as_trained(adapter.metadata.get("base_model") or PACKAGED_MINILM, adapter)
     # checks the adapter fits (names leaf and shapes) and that this is the base it was trained on
     params = lora_jax.apply_adapter(base_params, adapter, strict=not args.allow_other_base)
     net = lora_jax.lora(model, adapter.config)
     forward = jax.jit(lambda p, b: jax.nn.softmax(net.apply({"params": p}, b["ids"], b["mask"], b["types"]), -1))
-    max_len = adapter_meta.get("max_len", 128)
+    max_len = settings["max_len"]
+    if max_len > model.config.max_tokens:
+        raise ValueError(f"adapter {args.adapter}: metadata 'max_len' {max_len} exceeds the {model.config.max_tokens} "
+                         f"tokens its base's position embeddings cover")
     encoded = encode([(sentence, aspect) for sentence, aspect, _ in rows], tokenizer, max_len)
     probs = np.zeros((len(rows), len(LABELS)), np.float32)
     with tqdm(total=len(rows), desc="predict", disable=len(rows) <= args.batch_size) as bar:
@@ -479,12 +535,16 @@ def cmd_predict(args) -> list[dict[str, Any]]:
             keep = b["index"] >= 0
             probs[b["index"][keep]] = np.asarray(forward(params, {k: b[k] for k in ("ids", "mask", "types")}))[keep]
             bar.update(int(keep.sum()))
-    labels = adapter_meta.get("labels", list(LABELS))
+    bad = np.flatnonzero(~np.isfinite(probs).all(-1))
+    if bad.size:
+        raise ValueError(f"the adapter at {args.adapter} outputs NaN or inf for rows {[rows[i][2] for i in bad[:5]]}: "
+                         f"its weights or the base are broken (retrain with a lower learning rate); nothing was written")
+    labels = settings["labels"]
     results = [{"sentence": sentence, "aspect": aspect, "sentiment": labels[int(p.argmax())],
                 "probabilities": dict(zip(labels, p.round(4).tolist()))} for (sentence, aspect, _), p in zip(rows, probs)]
-    if args.output is not None:
-        write_predictions(results, args.output, labels)
-        print(f"{len(results):,} predictions: {args.output}")
+    if output is not None:
+        write_predictions(results, output, labels)
+        print(f"{len(results):,} predictions: {output}")
     elif args.input is not None:
         for r in results:
             print(json.dumps(r))

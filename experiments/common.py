@@ -104,14 +104,14 @@ def seed_list(text: str) -> list[int]:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient became inf or NaN."""
+    """The loss, the gradient or the updated params became inf or NaN."""
 
 
 def check_finite(metrics: dict, step: int, where: str, lr: float) -> None:
-    """Stop with a clear message at the first non-finite loss or gradient (``metrics['finite']``)."""
+    """Stop with a clear message at the first non-finite loss, gradient or updated param (``metrics['finite']``)."""
     if bool(metrics["finite"]):
         return
-    raise TrainingDiverged(f"{where}: the loss or gradient became non-finite at step {step} (loss "
+    raise TrainingDiverged(f"{where}: the loss, gradient or updated params became non-finite at step {step} (loss "
                            f"{float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}). Lower the learning "
                            f"rate (now {lr:g}) or check the inputs for NaN/inf; nothing was saved from this run after "
                            f"that step.")
@@ -137,7 +137,7 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 def output_dir(out: str | None, experiment: str) -> Iterator[Path]:
     """``out`` if given, else runs/<experiment>/<timestamp>; created. If the run fails before writing
     anything there, a folder this run created is removed again."""
-    path = Path(out) if out else Path("runs") / experiment / time.strftime("%Y%m%d-%H%M%S")
+    path = Path(out).expanduser() if out else Path("runs") / experiment / time.strftime("%Y%m%d-%H%M%S")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} is a file; pass a folder")
     created = not path.exists()

@@ -122,6 +122,11 @@ def classify(args: argparse.Namespace) -> tuple[list[dict], Any]:
         lora_jax.bank_apply(served, params, b, i, ids, mask, types), -1))
     order = batch["index"]
     probs = np.asarray(forward(bank, jnp.asarray(index[order]), batch["ids"], batch["mask"], batch["types"]))
+    broken = sorted({names[index[row]] for position, row in enumerate(order)
+                     if index[row] >= 0 and not np.isfinite(probs[position]).all()})
+    if broken or not np.isfinite(probs).all():
+        raise ValueError(f"adapters {broken or 'none (the base)'} output NaN or inf: their weights are broken "
+                         f"(retrain them with a lower learning rate)")
     rows = []
     for position, row in enumerate(order):
         sentence, aspect = ROWS[row]
@@ -210,7 +215,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser("serve_adapters", __doc__)
-    parser.add_argument("--adapters", nargs="*", default=None, help="adapter folders from bert_absa train (default: "
+    parser.add_argument("--adapters", nargs="+", default=None, help="adapter folders from bert_absa train (default: "
                         "3 untrained demo adapters)")
     parser.add_argument("--model", default=PACKAGED_MINILM, help="base model (hub id or folder) for demo adapters")
     parser.add_argument("--timing-models", type=model_list, default=["served"],
@@ -236,10 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
         report: dict[str, Any] = {"predictions": rows, "adapters": args.adapters or "demo"}
         if not args.no_timing:
             report["throughput"] = {}
-            for name in args.timing_models:
+            timed = {}
+            for name in args.timing_models:  # every base checked before any is timed
                 label = Path(args.model).name if name == "served" else name
+                timed[label] = timing_base(name, model, base_params)
+                if args.seq > timed[label][0].config.max_tokens:
+                    raise ValueError(f"--seq {args.seq} exceeds the {timed[label][0].config.max_tokens} tokens the "
+                                     f"position embeddings of '{label}' cover; pass at most that")
+            for label, (timed_model, timed_params) in timed.items():
                 print(f"[{label}] one mixed batch vs one forward per adapter", flush=True)
-                timed_model, timed_params = timing_base(name, model, base_params)
                 report["throughput"][label] = throughput(timed_model, timed_params, args.counts, args.rows, args.seq,
                                                          args.repeats)
             print_table("throughput", ["base", "adapters", "mixed batch s", "N forwards s", "mixed rows/s",

@@ -180,8 +180,11 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
 
     'cat' and 'svd' need ``base_params`` (each layer's kernel layout). The result computes its
     update with scale 1 on every layer (alpha = rank; layers of another rank get ``rank_pattern``
-    entries and their B rescaled so their scale is 1 too). DoRA adapters are refused. Only LoRA
-    leaves are combined.
+    entries and their B rescaled so their scale is 1 too). Only LoRA factors combine: DoRA adapters
+    and adapters with other trained leaves (a head from ``modules_to_save``, biases) are refused
+    (a weighted mix of heads is not what any of them learned; drop those leaves first if you mean
+    it). Weights are finite real numbers; adapters' widths must agree layer by layer; a base
+    fingerprint the inputs share is kept, and inputs trained on different bases are refused.
 
     >>> import numpy as np
     >>> config = LoraConfig(rank=1, alpha=1.0, targets=("fc",))
@@ -190,22 +193,34 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     >>> both.params["fc"]["lora_A"].shape, both.config.rank
     ((3, 2), 2)
     """
-    if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+    adapters, weights = _adapters_and_weights(adapters, weights)
     dora = [i for i, a in enumerate(adapters) if a.config.use_dora]
     if dora:
         raise ValueError(f"adapters {dora} are DoRA adapters: their magnitudes do not combine linearly, so "
                          f"add_weighted_adapter takes plain LoRA adapters only")
     if combination_type not in ("linear", "cat", "svd"):
         raise ValueError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
-    if svd_rank is not None and (combination_type != "svd" or not isinstance(svd_rank, int) or svd_rank < 1):
+    if svd_rank is not None and (combination_type != "svd" or isinstance(svd_rank, bool)
+                                 or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank (a positive int) goes with combination_type='svd', got {svd_rank!r} with "
                          f"{combination_type!r}")
     flats = [traverse_util.flatten_dict(dict(a.params)) for a in adapters]
-    modules = sorted({k[:-1] for f in flats for k in f if k[-1] == "lora_A"})
+    for i, f in enumerate(flats):
+        others = sorted(path_str(k) for k in f if k[-1] not in ("lora_A", "lora_B"))
+        if others:
+            raise ValueError(f"adapter {i} also trained {others[:5]} (a head or biases): add_weighted_adapter combines "
+                             f"LoRA factors only, and a weighted mix of heads is not what any adapter learned; "
+                             f"remove those leaves from its params first if you want its factors alone")
+    modules = sorted({k[:-1] for f in flats for k in f if k[-1] in ("lora_A", "lora_B")})
     for module in modules:
-        if any(module + ("lora_A",) not in f for f in flats):
-            raise ValueError(f"layer '{path_str(module)}' is adapted by some adapters but not all")
+        if any(module + ("lora_A",) not in f or module + ("lora_B",) not in f for f in flats):
+            raise ValueError(f"layer '{path_str(module)}' is adapted by some adapters but not all (or lacks lora_A "
+                             f"or lora_B in one)")
+        _check_widths(module, [f[module + ("lora_A",)] for f in flats], [f[module + ("lora_B",)] for f in flats])
+    fingerprints = {a.metadata.get("base_fingerprint") for a in adapters} - {None, ""}
+    if len(fingerprints) > 1:
+        raise ValueError(f"the adapters were trained on {len(fingerprints)} different bases (their base_fingerprint "
+                         f"metadata differ): their updates do not add up on one model")
     if combination_type in ("cat", "svd") and base_params is None:
         raise ValueError(f"'{combination_type}' needs base_params to know each layer's kernel layout")
     flat_base = traverse_util.flatten_dict(dict(base_params)) if base_params is not None else {}
@@ -237,9 +252,47 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
         out[module + ("lora_A",)], out[module + ("lora_B",)] = a_new, b_new
     config = _unit_scale_config(out, modules, adapters[0].config)
     metadata = {"combination_type": combination_type, "weights": list(map(float, weights))}
+    if fingerprints:
+        metadata["base_fingerprint"] = fingerprints.pop()
     if discarded:
         metadata["svd_discarded_energy"] = discarded
     return Adapter(traverse_util.unflatten_dict(out), config, metadata)
+
+
+def _adapters_and_weights(adapters: Any, weights: Any) -> tuple[list[Adapter], list[float]]:
+    """Lists of the adapters and their weights, checked: Adapters, one finite real weight each."""
+    if not isinstance(adapters, Sequence) or not isinstance(weights, Sequence) or isinstance(weights, str):
+        raise TypeError(f"add_weighted_adapter takes a list of adapters and a list of weights (numbers), got "
+                        f"{type(adapters).__name__} and {type(weights).__name__}")
+    adapters, weights = list(adapters), list(weights)
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+    for i, adapter in enumerate(adapters):
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"adapters[{i}] is a {type(adapter).__name__}, not an Adapter (load_adapter / import_peft / "
+                            f"extract_adapter make them)")
+    for i, w in enumerate(weights):
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(w):
+            raise ValueError(f"weights[{i}] is {w!r}: each weight must be a finite real number")
+    return adapters, [float(w) for w in weights]
+
+
+def _check_widths(module: tuple, a_list: list, b_list: list) -> None:
+    """The adapters' factors at ``module`` agree on every axis but the rank (the layer's widths)."""
+    a_shapes = [tuple(np.shape(a)) for a in a_list]
+    b_shapes = [tuple(np.shape(b)) for b in b_list]
+
+    def fits(a: tuple, b: tuple) -> bool:  # against the first adapter's factors
+        a0, b0 = a_shapes[0], b_shapes[0]
+        if len(a) != len(a0) or len(b) != len(b0) or not a or a[:-1] != a0[:-1]:
+            return False
+        differ = [i for i, (d, d0) in enumerate(zip(b, b0)) if d != d0]
+        return not differ or (len(differ) == 1 and b[differ[0]] == a[-1] and b0[differ[0]] == a0[-1])
+
+    if not all(fits(a, b) for a, b in zip(a_shapes, b_shapes)):
+        raise ValueError(f"layer '{path_str(module)}': the adapters' factors have lora_A {a_shapes} and lora_B "
+                         f"{b_shapes}; only the rank may differ (adapters for another model?)")
 
 
 def _truncated_sum(a_list, b_list, scales, rank: int, where: str):
@@ -280,14 +333,19 @@ def _unit_scale_config(out: dict, modules: list, like: LoraConfig) -> LoraConfig
                       dropout_rng=like.dropout_rng, rank_pattern=pattern)
 
 
-def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig) -> dict:
+def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig, *, strict: bool = True) -> dict:
     """``params`` (a running model's tree, compiled for ``config``) with ``adapter`` in place of its
     adapter, every leaf keeping its shape and dtype, so jitted functions do not compile again.
 
     A lower-rank adapter is zero-padded along the rank axis to the slots ``params`` has, and its
     lora_B is multiplied by ``adapter_scale / config_scale`` per layer (rsLoRA and ``rank_pattern``
     included), so ``config`` computes exactly the adapter's update; layers the adapter does not adapt
-    get a zero lora_B. Other trained leaves (a head) are replaced as they are.
+    get a zero lora_B. Other trained leaves (a head) are replaced as they are. Only the rank may
+    differ: other widths are an error, and so is an adapter whose recorded base fingerprint differs
+    from ``params``' base (``BaseMismatchError``; ``strict=False`` warns instead).
+
+    Given an NNX model (built with ``config``), the adapter is written into it in place, with the
+    same padding and rescaling, and the model is returned.
 
     >>> import numpy as np
     >>> slots = LoraConfig(rank=4, alpha=4.0, targets=("fc",))
@@ -298,9 +356,29 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig) -> dic
     >>> swapped["fc"]["lora_A"].shape, swapped["fc"]["lora_B"][:, 0].tolist()
     ((3, 4), [2.0, 0.0, 0.0, 0.0])
     """
+    from flax import nnx
+
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"hotswap_adapter takes an Adapter (from load_adapter / import_peft / extract_adapter), got "
+                        f"{type(adapter).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"hotswap_adapter takes the running model's LoraConfig, got {type(config).__name__}")
+    if isinstance(params, nnx.Module):  # write the swapped leaves into the model
+        from .nnx_trees import load_nnx_params, nnx_params
+
+        tree = nnx_params(params)
+        swapped = traverse_util.flatten_dict(hotswap_adapter(tree, adapter, config, strict=strict))
+        flat_tree = traverse_util.flatten_dict(tree)
+        changed = {k: v for k, v in swapped.items() if k[-1] in ("lora_A", "lora_B") or k in
+                   traverse_util.flatten_dict(dict(adapter.params))}
+        return load_nnx_params(params, traverse_util.unflatten_dict({k: changed[k] for k in changed if k in flat_tree}))
+    if not isinstance(params, Mapping):
+        raise TypeError(f"hotswap_adapter takes the running model's params (a nested dict) or an NNX model, got "
+                        f"{type(params).__name__}")
     if adapter.config.use_dora != config.use_dora:
         raise ValueError(f"the adapter is {'a DoRA' if adapter.config.use_dora else 'a plain LoRA'} adapter and the "
                          f"running model's config {'is' if config.use_dora else 'is not'} DoRA: they cannot swap")
+    check_base_fingerprint(params, adapter.params, adapter.metadata.get("base_fingerprint"), strict=strict)
     flat = traverse_util.flatten_dict(dict(params))
     new = traverse_util.flatten_dict(dict(adapter.params))
     out = dict(flat)
@@ -309,6 +387,9 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig) -> dic
         if module + ("lora_A",) not in new:
             out[module + ("lora_B",)] = jnp.zeros_like(slot_b)
             continue
+        if module + ("lora_B",) not in new:
+            raise ValueError(f"the adapter's layer '{path_str(module)}' has lora_A but no lora_B (an incomplete "
+                             f"adapter)")
         a, b = jnp.asarray(new[module + ("lora_A",)]), jnp.asarray(new[module + ("lora_B",)])
         rank, slots = a.shape[-1], slot_a.shape[-1]
         if rank > slots:
@@ -326,7 +407,7 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig) -> dic
             raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)}, its slot "
                              f"{tuple(flat[key].shape)}")
         out[key] = jnp.asarray(value, flat[key].dtype)
-    stray = sorted(path_str(k[:-1]) for k in new if k[-1] == "lora_A" and k not in flat)
+    stray = sorted(path_str(k[:-1]) for k in new if k[-1] in ("lora_A", "lora_B") and k not in flat)
     if stray:
         raise ValueError(f"the adapter adapts layers {stray[:5]} that the running model has no LoRA slots for")
     return traverse_util.unflatten_dict(out)

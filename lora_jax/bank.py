@@ -21,46 +21,77 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
 
 from .adapters import Adapter, hotswap_adapter
 from .config import LoraConfig
-from .masking import combine, partition, trainable_mask
+from .masking import combine, trainable_mask
+from .merge import base_leaf_key
 
 Params = Mapping[str, Any]
 
 
-def make_bank(params: Params, adapters: Sequence[Adapter], config: LoraConfig) -> dict:
+def make_bank(params: Params, adapters: Sequence[Adapter], config: LoraConfig, *, strict: bool = True) -> dict:
     """The adapters stacked into a bank: a tree of the trainable leaves of ``params`` (the slots,
-    shaped for ``config``) with a leading axis of ``len(adapters) + 1``; row i is adapter i put into
-    the slots (``hotswap_adapter``), the last row has zero LoRA factors and ``params``' own other
-    trained leaves (e.g. its head), and takes no gradient.
+    shaped for ``config``), plus any other leaf an adapter trained (its head, even where ``config``
+    has no ``modules_to_save``), with a leading axis of ``len(adapters) + 1``; row i is adapter i put
+    into the slots (``hotswap_adapter``: only the rank may differ, the base fingerprint is checked),
+    the last row has zero LoRA factors and ``params``' own other leaves, and takes no gradient.
 
     Args:
-      params: the LoRA model's param tree whose LoRA leaves are the slots (rank at least each adapter's).
+      params: the LoRA model's param tree whose LoRA leaves are the slots (rank at least each
+        adapter's), or an NNX model built with ``config``.
       adapters: the adapters to serve; each must fit the slots.
       config: the config ``params`` is shaped for (the running model's).
+      strict: an adapter trained on another base raises ``BaseMismatchError``; False: warns.
 
     Returns:
       A nested dict of the trainable leaves, each of shape ``(len(adapters) + 1,) + leaf.shape``.
     """
-    if not adapters:
-        raise ValueError("make_bank needs at least one adapter")
-    mask = trainable_mask(params, config)  # swapping an adapter in keeps every leaf's place and shape
-    trainable, _ = partition(params, mask)
-    rows = [partition(hotswap_adapter(params, adapter, config), mask)[0] for adapter in adapters]
-    flat_none = traverse_util.flatten_dict(dict(trainable))
-    none = traverse_util.unflatten_dict({k: jnp.zeros_like(v) if k[-1] in ("lora_A", "lora_B") else jnp.asarray(v)
-                                         for k, v in flat_none.items()})
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *rows, none)
+    from flax import nnx
+
+    from .nnx_trees import nnx_params
+
+    if isinstance(params, nnx.Module):
+        params = nnx_params(params)
+    if isinstance(adapters, Adapter) or not adapters:
+        raise ValueError("make_bank needs a non-empty list of adapters")
+    flat_params = traverse_util.flatten_dict(dict(params))
+    mask = traverse_util.flatten_dict(trainable_mask(params, config))
+    keys = [k for k in flat_params if mask.get(k)]  # the slots, then the trained leaves adapters bring (heads)
+    keys += sorted({k for a in adapters for k in traverse_util.flatten_dict(dict(a.params))
+                    if k in flat_params and not mask.get(k) and k[-1] not in ("lora_A", "lora_B")})
+    rows = []
+    for i, adapter in enumerate(adapters):
+        try:
+            swapped = traverse_util.flatten_dict(hotswap_adapter(params, adapter, config, strict=strict))
+        except ValueError as err:
+            raise type(err)(f"adapter {i}: {err}") from None
+        rows.append([swapped[k] for k in keys])
+    rows.append([_no_adapter(flat_params, k, config) for k in keys])
+    return traverse_util.unflatten_dict({k: jnp.stack([row[j] for row in rows]) for j, k in enumerate(keys)})
+
+
+def _no_adapter(flat: dict, key: tuple[str, ...], config: LoraConfig) -> jax.Array:
+    """The "no adapter" row's value of leaf ``key``: zero factors, the variant's neutral leaves (a
+    DoRA magnitude equal to the weight's norm), the model's own other leaves (its head)."""
+    if key[-1] in ("lora_A", "lora_B"):
+        return jnp.zeros_like(flat[key])
+    if key[-1] in config.variant.leaves:
+        weight = meta.unbox(flat[base_leaf_key(flat, key[:-1])])  # a quantized kernel: its dequantized values
+        value = config.variant.neutral_leaves(weight, {key[-1]: tuple(flat[key].shape)})[key[-1]]
+        return value.astype(flat[key].dtype)
+    return jnp.asarray(flat[key])
 
 
 def bank_apply(model: Any, params: Params, bank: Params, index: jax.Array, *args: Any, **kwargs: Any) -> Any:
     """``model.apply`` on a batch whose row j uses adapter ``index[j]`` of ``bank`` (-1: no adapter).
 
     Args:
-      model: the ``lora(...)`` model ``params`` belongs to.
+      model: the ``lora(...)`` model ``params`` belongs to: linen, or an NNX model (run through
+        ``nnx_functional``; it is not changed).
       params: its param tree; the leaves the bank holds are taken from the bank, the rest (the
-        frozen base) is shared by every row.
+        frozen base) is shared by every row. For an NNX model, None: the model's own.
       bank: from ``make_bank``.
       index: (batch,) int adapter index per row, in [-1, N). Checked where it is concrete (an error
         names the bad rows); under ``jit`` an index outside the range cannot be seen and serves the
@@ -70,6 +101,15 @@ def bank_apply(model: Any, params: Params, bank: Params, index: jax.Array, *args
     Returns:
       The model's output for the batch, row by row as if each row ran with its own adapter.
     """
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):  # an NNX model: run as a pure function of its param tree
+        from .nnx_transform import nnx_functional
+
+        apply_fn, own = nnx_functional(model)
+        params = own if params is None else params
+    else:
+        apply_fn = lambda p, *a, **k: model.apply({"params": p}, *a, **k)
     n_rows = jax.tree.leaves(bank)[0].shape[0]
     _check_index(index, n_rows - 1)
     index = jnp.asarray(index)
@@ -91,7 +131,7 @@ def bank_apply(model: Any, params: Params, bank: Params, index: jax.Array, *args
 
     def one(row: Params, *row_args: Any) -> Any:
         single = [jnp.expand_dims(a, 0) for a in row_args]
-        out = model.apply({"params": combine(shared, row)}, *single, **kwargs)
+        out = apply_fn(combine(shared, row), *single, **kwargs)
         return jax.tree.map(lambda o: o[0], out)
 
     return jax.vmap(one)(rows, *args)

@@ -28,8 +28,9 @@ from flax import traverse_util
 
 from .adapters import Adapter, check_adapter_fits, check_targets_cover
 from .config import LoraConfig
+from .finite import nonfinite_leaves
 from .fingerprint import base_fingerprint, check_base_fingerprint
-from .folder_swap import locked, recover_folder, replace_folder
+from .folder_swap import folder_path, locked, recover_folder, replace_folder
 from .masking import partition, trainable_mask
 from .nnx_trees import as_param_tree
 from .targets import path_str
@@ -136,23 +137,37 @@ def _verify(folder: Path) -> None:
 
 
 def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_model: str | None = None,
-                 metadata: dict | None = None, fingerprint: bool = True) -> Path:
+                 metadata: dict | None = None, fingerprint: bool = True, allow_nonfinite: bool = False) -> Path:
     """Save only the trainable leaves of ``params`` (per ``config``) + the config + metadata.
 
     Metadata records the lora_jax version, ``base_model`` (a name or path) and, with
     ``fingerprint``, a fingerprint of the frozen base (``lora_jax.base_fingerprint``), checked when
     the adapter is loaded onto a base. ``path`` may be new, an empty folder, or an adapter saved
-    before; anything else there is an error and is left untouched. Returns the adapter folder.
+    before; anything else there is an error and is left untouched (``~`` is expanded; an empty path
+    is refused). Returns the adapter folder.
+
+    Everything is checked before a file is written: leaves holding inf or NaN (a diverged run) are
+    refused unless ``allow_nonfinite``; lora_A/lora_B at layers ``config`` does not target (they
+    would be ignored on load) are refused; ``metadata`` must be JSON (str keys; str, finite number,
+    bool, None, lists and dicts of them).
 
     Example::
 
         save_adapter("adapters/laptops", state.params, config, base_model="packaged:minilm")
     """
-    path = Path(path).absolute()
+    path = folder_path(path, "the adapter")
     params = as_param_tree(params)  # an NNX model: its params as a nested dict
     mask = trainable_mask(params, config)
     trainable, _ = partition(params, mask)
-    meta = {"lora_jax_version": _version(), "base_model": base_model, **(metadata or {})}
+    check_targets_cover(trainable, config, source="the params to save")
+    bad = [] if allow_nonfinite else nonfinite_leaves(trainable)
+    if bad:
+        raise ValueError(f"the adapter's leaves {bad[:5]}{' ...' if len(bad) > 5 else ''} hold inf or NaN (training "
+                         f"diverged?); nothing was saved. Lower the learning rate, or pass allow_nonfinite=True to "
+                         f"keep them for inspection")
+    if base_model is not None and not isinstance(base_model, str):
+        raise TypeError(f"base_model must be a name or path (str), got {type(base_model).__name__}")
+    meta = {"lora_jax_version": _version(), "base_model": base_model, **check_metadata(metadata or {}, "metadata")}
     if fingerprint:
         meta["base_fingerprint"] = base_fingerprint(params, mask)
 
@@ -194,21 +209,54 @@ def _abstract_params(path: Path) -> dict:
     return traverse_util.unflatten_dict(abstract)
 
 
-def load_adapter(path: str | Path, base_params: Params | None = None, *, strict: bool = True) -> Adapter:
+def check_metadata(metadata: Any, source: str) -> dict:
+    """``metadata`` if it is JSON an adapter can carry, else a ValueError naming the first bad entry:
+    a dict with str keys; values str, finite int/float, bool, None, or lists / dicts of them; the
+    fields lora_jax reads (``lora_jax_version``, ``base_model``, ``base_fingerprint``) str or None.
+
+    >>> check_metadata({"labels": ["negative", "positive"]}, "metadata")
+    {'labels': ['negative', 'positive']}
+    """
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"{where} has the key {key!r} ({type(key).__name__}); JSON keys are strings")
+                check(item, f"{where}['{key}']")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                check(item, f"{where}[{i}]")
+        elif isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"{where} is {value}; JSON has no inf or NaN")
+        elif not isinstance(value, (str, int, float, type(None))):  # bool is an int
+            raise ValueError(f"{where} is a {type(value).__module__}.{type(value).__name__}, not JSON (str, number, "
+                             f"bool, None, list, dict); convert it (e.g. .tolist() or float(...)) before saving")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{source} must be a dict, got {type(metadata).__name__}")
+    check(metadata, source)
+    for field in ("lora_jax_version", "base_model", "base_fingerprint"):
+        if not isinstance(metadata.get(field), (str, type(None))):
+            raise ValueError(f"{source}['{field}'] must be a string (or absent), got {metadata[field]!r}")
+    return json.loads(json.dumps(metadata))  # tuples become lists, as they will be read back
+
+
+def load_adapter(path: str | Path, base_params: Params | None = None, *, strict: bool = True,
+                 allow_nonfinite: bool = False) -> Adapter:
     """Load an adapter saved by ``save_adapter``.
 
     Every file is checked against the adapter's manifest first, so a damaged file is named rather
     than read. With ``base_params`` the adapter is also checked against that base before its
     arrays are read: shapes (an error names the leaf and both shapes) and the base fingerprint (a
     base with other weights raises ``BaseMismatchError``; ``strict=False`` turns that into a
-    warning). A save that was killed while swapping folders is completed here.
+    warning). A save that was killed while swapping folders is completed here. Its metadata is
+    checked (``check_metadata``) and leaves holding inf or NaN are refused unless ``allow_nonfinite``.
 
     Example::
 
         adapter = load_adapter("adapters/laptops", base_params=base_params)
         params = apply_adapter(base_params, adapter)
     """
-    path = Path(path).absolute()
+    path = folder_path(path, "the adapter")
     if not path.exists() and path.parent.is_dir():
         with locked(path.parent):
             if recover_folder(path, _recognise):
@@ -235,7 +283,11 @@ def load_adapter(path: str | Path, base_params: Params | None = None, *, strict:
         raise ValueError(f"adapter at {path} has an invalid config: {err}") from None
     params = jax.tree.map(jax.numpy.asarray, restored["params"])
     check_targets_cover(params, config, source=f"adapter at {path}")
-    metadata = dict(restored["metadata"] or {})
+    metadata = check_metadata(restored["metadata"] or {}, f"the metadata of the adapter at {path}")
+    bad = [] if allow_nonfinite else nonfinite_leaves(params)
+    if bad:
+        raise ValueError(f"the adapter at {path} holds inf or NaN in {bad[:5]}{' ...' if len(bad) > 5 else ''}: it "
+                         f"would output NaN. Pass allow_nonfinite=True to load it for inspection")
     if base_params is not None:
         check_base_fingerprint(base_params, params, metadata.get("base_fingerprint"), strict=strict,
                                source=f"the adapter at {path}")
@@ -276,7 +328,7 @@ class TrainCheckpointer:
         if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
         self.mask = mask
-        self.directory = Path(directory).absolute()
+        self.directory = folder_path(directory, "the training checkpoints")
         if self.directory.exists() and not self.directory.is_dir():
             raise FileExistsError(f"{self.directory} is a file; TrainCheckpointer needs a folder")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -341,10 +393,37 @@ class TrainCheckpointer:
         if step is None:
             raise FileNotFoundError(f"no training checkpoint in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._item(state))
-        with _quiet_orbax():
-            restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        self._check_fits(step, state)
+        try:
+            with _quiet_orbax():
+                restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"the checkpoint of step {step} in {self.directory} does not fit the state given (its "
+                             f"optimizer state or structure differs: {_short(err)}); build the state with the model, "
+                             f"config and optimizer of the run that saved it") from None
         return state.replace(step=restored["step"], trainable=restored["trainable"], opt_state=restored["opt_state"],
                              rng=jax.random.wrap_key_data(restored["rng"]))
+
+    def _check_fits(self, step: int, state: TrainState) -> None:
+        """ValueError naming the trainable leaves whose saved shape differs from ``state``'s (another
+        rank, another model), or that only one of them has."""
+        try:
+            with _quiet_orbax():
+                saved = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(
+                    self.directory / str(step) / "default").item_metadata.tree["trainable"]
+        except Exception:  # noqa: BLE001 - no readable metadata: restore's own error is wrapped instead
+            return
+        want = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(state.trainable)).items()}
+        have = {k: tuple(getattr(v, "shape", ())) for k, v in traverse_util.flatten_dict(dict(saved)).items()}
+        differ = [f"'{path_str(k)}' saved {have[k]}, state {want[k]}" for k in sorted(want.keys() & have.keys())
+                  if want[k] != have[k]]
+        missing = sorted(path_str(k) for k in want.keys() ^ have.keys())
+        if differ or missing:
+            raise ValueError(f"the checkpoint of step {step} in {self.directory} does not fit the state given: "
+                             f"{'; '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}"
+                             f"{'; ' if differ and missing else ''}"
+                             f"{f'leaves in only one of them: {missing[:5]}' if missing else ''}. Build the state "
+                             f"with the model and LoraConfig of the run that saved it")
 
     def wait(self) -> None:
         """Block until background saves are on disk; raises ``CheckpointSaveError`` if one failed."""

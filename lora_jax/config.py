@@ -85,8 +85,9 @@ class LoraConfig:
         object.__setattr__(self, "rank", _positive_int(self.rank, "rank"))
         object.__setattr__(self, "alpha", _finite_real(self.alpha, "alpha"))
         object.__setattr__(self, "dropout", _finite_real(self.dropout, "dropout"))
-        if not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+        if not 0 < self.alpha <= _MAX_ALPHA:
+            raise ValueError(f"LoraConfig.alpha must be > 0 and at most {_MAX_ALPHA:g} (alpha / rank scales float32 "
+                             f"updates: a larger one overflows them), got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rslora, (bool, np.bool_)):
@@ -164,10 +165,25 @@ class LoraConfig:
         return cls.from_dict(data)
 
 
+def require_config(config: Any, where: str) -> LoraConfig:
+    """``config`` if it is a LoraConfig, else a TypeError naming the function that needs one.
+
+    >>> require_config(LoraConfig(rank=2), "merge").rank
+    2
+    """
+    if not isinstance(config, LoraConfig):
+        hint = " (a dict: LoraConfig.from_dict(...))" if isinstance(config, dict) else ""
+        raise TypeError(f"{where} takes the adapter's LoraConfig, got {type(config).__name__}{hint}")
+    return config
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"LoraConfig.{name} must be a positive integer, got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+_MAX_ALPHA = 1e30  # float32 holds up to 3.4e38; alpha / rank times a factor product must stay below it
 
 
 def _finite_real(value: Any, name: str) -> float:

@@ -92,8 +92,11 @@ def check_base_fingerprint(base_params: Params, adapter_params: Params, recorded
     A mismatch raises ``BaseMismatchError`` (a ValueError) or, with ``strict=False``, warns. No
     recorded fingerprint (an imported PEFT adapter, say) means nothing to check.
     """
-    if not recorded:
+    if recorded is None or recorded == "":
         return
+    if not isinstance(recorded, str):
+        raise ValueError(f"{source} records base_fingerprint {recorded!r} ({type(recorded).__name__}); a fingerprint "
+                         f"is a string from lora_jax.base_fingerprint (fix or remove the metadata entry)")
     flat = traverse_util.flatten_dict(dict(base_params))
     replaced = traverse_util.flatten_dict(dict(adapter_params)).keys()
     legacy = ":" not in recorded

@@ -117,6 +117,26 @@ def recover_folder(target: Path, recognise: Recognise) -> bool:
     return restored
 
 
+def folder_path(path: "str | os.PathLike[str]", what: str) -> Path:
+    """The absolute folder a user's ``path`` names: ``~`` expanded; an empty path (which would name
+    the current directory) or one whose last part is ``.`` / ``..`` is refused, since swapping it
+    would move the working directory itself.
+
+    >>> folder_path("~/adapters/a", "an adapter") == Path.home() / "adapters" / "a"
+    True
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"the path of {what} must be a str or a pathlib.Path, got {type(path).__name__}")
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise ValueError(f"the path of {what} is empty; give a folder name such as 'adapters/mine'")
+    given = Path(text).expanduser()
+    if given.name in ("", ".", ".."):
+        raise ValueError(f"the path of {what} ({text!r}) names a directory by '.' or '..' or the root; give the "
+                         f"folder by its own name (e.g. '{Path.cwd().name}' from its parent)")
+    return given.absolute()
+
+
 def _finish(target: Path, token: str) -> None:
     """Remove swap ``token``'s folders (its old version, its temporary ones), then its marker."""
     for leftover in [target.parent / f".{target.name}.old-{token}",

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from flax import traverse_util
 
-from .config import LoraConfig
+from .config import LoraConfig, require_config
 from .core.variants import ADAPTER_LEAVES
 from .nnx_trees import as_param_tree
 from .targets import any_matches, path_str
@@ -53,6 +53,7 @@ def trainable_mask(params: Params, config: LoraConfig) -> dict:
     >>> trainable_mask(params, LoraConfig(rank=1, targets=("fc",), modules_to_save=("head",)))
     {'fc': {'kernel': False, 'bias': False, 'lora_A': True, 'lora_B': True}, 'head': {'kernel': True}}
     """
+    require_config(config, "trainable_mask")
     flat = _flat(as_param_tree(params))
     if not any(k[-1] in LORA_LEAVES for k in flat):
         raise ValueError(NO_LORA_LEAVES)

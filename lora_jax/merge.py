@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
 
-from .config import LoraConfig
+from .config import LoraConfig, require_config
 from .core.kinds import delta
 from .core.variants import ADAPTER_LEAVES, foreign_leaves
 from .masking import NO_LORA_LEAVES
@@ -71,6 +71,7 @@ def merge(params: Params, config: LoraConfig) -> dict:
     """
     from flax import nnx
 
+    require_config(config, "merge")
     if isinstance(params, nnx.Module):  # an NNX model: a merged copy of the original classes
         from .nnx_transform import merge_nnx
 
@@ -110,6 +111,7 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
     """
     from .quantize import is_quantized
 
+    require_config(config, "unmerge")
     flat = traverse_util.flatten_dict(dict(params))
     flat_adapter = {k: v for k, v in traverse_util.flatten_dict(dict(adapter)).items() if k[-1] in ADAPTER_LEAVES}
     modules = _modules_with_lora(flat_adapter)

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
@@ -358,7 +359,11 @@ def nnx_functional(model: nnx.Module) -> tuple[Any, dict]:
             names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
             names = names[:-1] if names and names[-1] == "value" else names
             found.add(names)
-            return flat.get(names, leaf)
+            value = flat.get(names, leaf)
+            if value is not leaf and np.shape(value) != np.shape(leaf) and not isinstance(leaf, meta.AxisMetadata):
+                raise ValueError(f"params['{'/'.join(names)}'] has shape {tuple(np.shape(value))}, the model's "
+                                 f"variable {tuple(np.shape(leaf))}: give params shaped like nnx_params(model)")
+            return value
 
         copy = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(  # a box (quantized kernel) is one leaf
             pick, state, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)))

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,12 +23,17 @@ from flax import traverse_util
 
 from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_adapter
 from .config import LoraConfig
+from .finite import nonfinite_leaves
+from .folder_swap import folder_path, locked, recover_folder, replace_folder
 from .nnx_trees import as_param_tree
 from .safetensors_io import read_safetensors
 from .targets import REGEX_PREFIX, matches
 
 Params = Mapping[str, Any]
 PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+EXPORT_NOTES = "lora_jax_export.json"  # name_map / flatten_order of an export, for import_peft
+EXPORT_NOTES_FORMAT = "lora_jax.peft_export"
 _UNSUPPORTED_FLAGS = ("use_qalora", "use_bdlora", "lora_bias", "fan_in_fan_out")
 
 
@@ -68,26 +72,107 @@ def torch_module_name(path: str, name_map: Mapping[str, str] | None = None, inde
     ``name_map`` {regex: replacement}: the first regex that matches the whole path rewrites it
     (``re.sub``; '/' then becomes '.'). Layer ``index`` of a stacked (scanned) module goes where the
     replacement says ``{i}``, or by default after the path's first component ('blocks/q', 2 ->
-    'blocks.2.q').
+    'blocks.2.q'); ``{i}`` in the replacement of a layer that is not stacked is an error.
 
     >>> torch_module_name("blocks_0/attn/q", {r"blocks_(\\d+)/(.*)": r"blocks.\\1.\\2"})
     'blocks.0.attn.q'
     >>> torch_module_name("blocks/q", index=2)
     'blocks.2.q'
     """
+    return _mapped_name(path, name_map, index)[0]
+
+
+def _mapped_name(path: str, name_map: Mapping[str, str] | None, index: int | None) -> tuple[str, str | None]:
+    """(torch name of ``path``, the ``name_map`` pattern that produced it or None)."""
     for pattern, replacement in (name_map or {}).items():
         if re.fullmatch(pattern, path):
             name = re.sub(pattern, replacement, path)
-            if index is not None:
-                if "{i}" not in replacement:
-                    raise ValueError(f"'{path}' is a stack of layers: its name_map entry {pattern!r} -> "
-                                     f"{replacement!r} needs '{{i}}' where the layer index goes")
-                name = name.replace("{i}", str(index))
-            return name.replace("/", ".")
+            if index is not None and "{i}" not in replacement:
+                raise ValueError(f"'{path}' is a stack of layers: its name_map entry {pattern!r} -> "
+                                 f"{replacement!r} needs '{{i}}' where the layer index goes")
+            if index is None and "{i}" in replacement:
+                raise ValueError(f"name_map entry {pattern!r} -> {replacement!r} has '{{i}}', but '{path}' is not a "
+                                 f"stack of layers (nn.scan): write its index into the replacement")
+            return name.replace("{i}", str(index)).replace("/", "."), pattern
     parts = path.split("/")
     if index is not None:
         parts = parts[:1] + [str(index)] + parts[1:]
-    return ".".join(parts)
+    return ".".join(parts), None
+
+
+def _check_name_map(name_map: Any) -> dict[str, str]:
+    """``name_map`` as a dict of compiled-checked {regex: replacement} (an error names a bad entry)."""
+    if name_map is None:
+        return {}
+    if not isinstance(name_map, Mapping):
+        raise TypeError(f"name_map must be a dict {{regex on our module path: torch module name}}, got "
+                        f"{type(name_map).__name__}")
+    for pattern, replacement in name_map.items():
+        if not isinstance(pattern, str) or not isinstance(replacement, str):
+            raise TypeError(f"name_map entry {pattern!r} -> {replacement!r}: both must be strings")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"name_map pattern {pattern!r} is not a valid regex ({err})") from None
+    return dict(name_map)
+
+
+def _check_flatten_order(flatten_order: Any) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``flatten_order`` as {pattern: {'in' / 'out': tuple of axes}} (an error names a bad entry)."""
+    if flatten_order is None:
+        return {}
+    if not isinstance(flatten_order, Mapping):
+        raise TypeError(f"flatten_order must be a dict {{layer pattern: {{'in': axes, 'out': axes}}}}, got "
+                        f"{type(flatten_order).__name__}")
+    checked = {}
+    for pattern, orders in flatten_order.items():
+        if not isinstance(pattern, str) or not isinstance(orders, Mapping) or not orders or set(orders) - {"in", "out"}:
+            raise ValueError(f"flatten_order[{pattern!r}] must be a mapping with keys 'in' and/or 'out' "
+                             f"(axis orders), got {orders!r}")
+        entry = {}
+        for side, order in orders.items():
+            if isinstance(order, (str, bytes)) or not isinstance(order, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in order):
+                raise ValueError(f"flatten_order[{pattern!r}][{side!r}] must be a list of axis numbers, got {order!r}")
+            entry[side] = tuple(order)
+        checked[pattern] = entry
+    return checked
+
+
+class _Usage:
+    """Which ``name_map`` / ``flatten_order`` patterns matched a layer, and which layer each torch
+    name came from: a pattern that matches nothing, or two layers given one name, is an error."""
+
+    def __init__(self, name_map: Mapping[str, str], flatten_order: Mapping[str, Any]):
+        self.name_map, self.flatten_order = name_map, flatten_order
+        self.used: set[tuple[str, str]] = set()
+        self.owner: dict[str, tuple[str, int | None]] = {}
+
+    def name(self, path: str, index: int | None) -> str:
+        name, pattern = _mapped_name(path, self.name_map, index)
+        if pattern is not None:
+            self.used.add(("name_map", pattern))
+        first = self.owner.setdefault(name, (path, index))
+        if first != (path, index):
+            where = lambda p, i: f"'{p}'" + ("" if i is None else f" layer {i}")
+            raise ValueError(f"name_map gives {where(*first)} and {where(path, index)} the same torch name '{name}': "
+                             f"one would overwrite the other; make the replacements distinct")
+        return name
+
+    def orders(self, path: str) -> tuple[Any, Any]:
+        for pattern, orders in self.flatten_order.items():
+            if matches(pattern, path):
+                self.used.add(("flatten_order", pattern))
+                return orders.get("in"), orders.get("out")
+        return None, None
+
+    def check_all_used(self, what: str) -> None:
+        unused = [f"{kind} {pattern!r}" for kind, table in (("name_map", self.name_map),
+                                                             ("flatten_order", self.flatten_order))
+                  for pattern in table if (kind, pattern) not in self.used]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} match{'es' if len(unused) == 1 else ''} no layer {what}: a typo? "
+                             f"(patterns match whole module paths such as 'encoder/layer/0/attention/self/query')")
 
 
 def _factors_to_torch(name: str, layout: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
@@ -100,17 +185,6 @@ def _factors_to_torch(name: str, layout: str, a: np.ndarray, b: np.ndarray) -> d
         return {f"{name}.lora_A.weight": _torch_layout(a), f"{name}.lora_B.weight": _torch_layout(b)}
     b_flat = b.reshape(-1, rank).T if layout == "einsum" else b.reshape(rank, -1)  # einsum B keeps r last
     return {f"{name}.lora_A.weight": a.reshape(-1, rank).T, f"{name}.lora_B.weight": b_flat.T}
-
-
-def _axis_orders(path: str, flatten_order: Mapping[str, Mapping[str, Any]] | None) -> tuple[Any, Any]:
-    """The ('in', 'out') axis orders ``flatten_order`` gives the layer at ``path`` (None: the kernel's own)."""
-    for pattern, orders in (flatten_order or {}).items():
-        if matches(pattern, path):
-            if not isinstance(orders, Mapping) or set(orders) - {"in", "out"}:
-                raise ValueError(f"flatten_order[{pattern!r}] must be a mapping with keys 'in' and/or 'out' "
-                                 f"(axis orders), got {orders!r}")
-            return orders.get("in"), orders.get("out")
-    return None, None
 
 
 def _split_axes(kernel_shape: tuple[int, ...], n_in: int, path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -164,7 +238,10 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
     An NNX model with LoRA may stand for ``params``.
 
     Args:
-      directory: the folder to write (created; its two files are replaced atomically).
+      directory: the folder to write: new, empty, or a PEFT adapter folder, replaced as a whole
+        atomically (``folder_swap``): a kill at any point leaves the old or the new adapter,
+        never a mix. ``name_map`` and ``flatten_order`` are recorded beside PEFT's files
+        (``lora_jax_export.json``, which PEFT ignores) and ``import_peft`` reads them back.
       params: the LoRA param tree (or NNX model); config: the adapter's config.
       base_model_name_or_path: recorded in adapter_config.json for ``PeftModel.from_pretrained``.
       name_map: {regex on our module path: torch module name}, for models whose flax names differ
@@ -188,13 +265,16 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
     >>> adapter.params["fc"]["lora_A"].shape, adapter.config.rank
     ((4, 2), 2)
     """
-    from safetensors.numpy import save_file
-
     if config.bias != "none":
         raise ValueError(f"export_peft supports bias='none' only, got bias={config.bias!r}")
+    usage = _Usage(_check_name_map(name_map), _check_flatten_order(flatten_order))
+    folder = folder_path(directory, "the PEFT adapter")
     params = as_param_tree(params)  # an NNX model: its params as a nested dict
     flat = traverse_util.flatten_dict(dict(params))  # base leaves: only their shapes are read
     adapter = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(extract_adapter(params, config).params).items()}
+    bad = nonfinite_leaves(traverse_util.unflatten_dict(adapter))
+    if bad:
+        raise ValueError(f"the adapter's leaves {bad[:5]} hold inf or NaN (training diverged?); nothing was exported")
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     for key, value in adapter.items():
@@ -204,7 +284,7 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
             a, b = value, adapter[module + ("lora_B",)]
             layout, stacked = _layout(flat, module, a, b)
             magnitude = adapter.get(module + ("lora_magnitude",))
-            order_in, order_out = _axis_orders(path, flatten_order)
+            order_in, order_out = usage.orders(path)
             if (order_in, order_out) != (None, None) and layout != "linear":
                 raise ValueError(f"flatten_order: layer '{path}' is a{'n' if layout[0] in 'ae' else ''} {layout} "
                                  f"layer; flatten orders apply to Dense / DenseGeneral layers")
@@ -215,7 +295,7 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
                     ins, outs = _split_axes(tuple(kernel), a_i.shape[0], path)
                     a_i = _reorder(a_i, ins, order_in, False, False, f"layer '{path}' inputs")
                     b_i = _reorder(b_i, outs, order_out, True, False, f"layer '{path}' outputs")
-                name = torch_module_name(path, name_map, index)
+                name = usage.name(path, index)
                 ranks[name] = a_i.shape[-1]
                 tensors.update(_factors_to_torch(PREFIX + name, layout, a_i, b_i))
                 if magnitude is not None:
@@ -227,7 +307,8 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
                         (1, n_out, 1, 1) if layout == "conv" else (-1,))
         elif leaf not in ("lora_B", "lora_magnitude"):
             torch_leaf, converted = _to_torch(leaf, value)
-            tensors[f"{PREFIX}{torch_module_name(path, name_map)}.{torch_leaf}"] = converted
+            tensors[f"{PREFIX}{usage.name(path, None)}.{torch_leaf}"] = converted
+    usage.check_all_used("of the adapter")
     plain = all(not t.startswith(REGEX_PREFIX) for t in config.targets) and not config.exclude and not name_map
     adapter_config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
@@ -238,15 +319,36 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
         "modules_to_save": [m.replace("/", ".") for m in config.modules_to_save] or None,
         "rank_pattern": {m: r for m, r in ranks.items() if r != config.rank}, "alpha_pattern": {},
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".adapter_model.safetensors.tmp-{uuid.uuid4().hex[:8]}"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, directory / "adapter_model.safetensors")
-    tmp_config = directory / f".adapter_config.json.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_config.write_text(json.dumps(adapter_config, indent=2))
-    os.replace(tmp_config, directory / "adapter_config.json")
-    return directory
+    layout_notes = {"format": EXPORT_NOTES_FORMAT, "name_map": usage.name_map,
+                    "flatten_order": {p: {k: list(v) for k, v in o.items()} for p, o in usage.flatten_order.items()}}
+
+    def write(tmp: Path) -> None:
+        from safetensors.numpy import save_file
+
+        tmp.mkdir()
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(adapter_config, indent=2))
+        if usage.name_map or usage.flatten_order:
+            (tmp / EXPORT_NOTES).write_text(json.dumps(layout_notes, indent=2))
+        _sync(tmp)
+
+    return replace_folder(folder, write, _recognise_peft, "a PEFT adapter")
+
+
+def _sync(folder: Path) -> None:
+    """Flush ``folder``'s files to disk before it is swapped in."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _recognise_peft(folder: Path) -> str | None:
+    """None if ``folder`` holds a PEFT LoRA adapter and nothing else (PEFT's README.md aside)."""
+    present = sorted(p.name for p in folder.iterdir())
+    if CONFIG not in present:
+        return f"no {CONFIG}; it holds {present[:5]}"
+    foreign = [name for name in present if name not in (CONFIG, WEIGHTS, EXPORT_NOTES, "README.md")]
+    return f"it also holds {foreign[:5]}" if foreign else None
 
 
 def _read_peft_config(directory: Path) -> dict:
@@ -270,7 +372,49 @@ def _read_peft_config(directory: Path) -> dict:
     for field in ("r", "lora_alpha", "target_modules"):
         if data.get(field) is None:
             raise ValueError(f"{path} lacks the field {field!r}, which a PEFT LoRA adapter_config.json always has")
+    for field, types, expected in _FIELD_TYPES:
+        if data.get(field) is not None and not _is(data[field], types):
+            raise ValueError(f"{path}: {field} is {data[field]!r} ({type(data[field]).__name__}); it must be {expected}")
     return data
+
+
+# adapter_config.json fields and their JSON types (None / absent is always allowed)
+_FIELD_TYPES = (
+    ("use_rslora", (bool,), "true or false"), ("use_dora", (bool,), "true or false"),
+    ("r", (int,), "an integer"), ("lora_alpha", (int, float), "a number"), ("lora_dropout", (int, float), "a number"),
+    ("target_modules", (str, "list[str]"), "a regex string or a list of module names"),
+    ("exclude_modules", (str, "list[str]"), "a regex string or a list of module names"),
+    ("modules_to_save", ("list[str]",), "a list of module names"),
+    ("rank_pattern", ("dict[str, int]",), "an object {module pattern: rank}"), ("bias", (str,), "a string"),
+)
+
+
+def _is(value: Any, types: tuple) -> bool:
+    """Whether ``value`` has one of the JSON ``types`` (bool is not a number here)."""
+    for kind in types:
+        if kind == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True
+        if kind == "dict[str, int]" and isinstance(value, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+            return True
+        if isinstance(kind, type) and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def _export_notes(directory: Path) -> dict:
+    """``name_map`` / ``flatten_order`` that ``export_peft`` recorded in ``directory`` ({} if none)."""
+    path = directory / EXPORT_NOTES
+    if not path.exists():
+        return {}
+    try:
+        notes = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(notes, dict) or notes.get("format") != EXPORT_NOTES_FORMAT:
+        raise ValueError(f"{path} is not a lora_jax export record (delete it if the folder is a plain PEFT adapter)")
+    return {"name_map": _check_name_map(notes.get("name_map")),
+            "flatten_order": _check_flatten_order(notes.get("flatten_order"))}
 
 
 def _config_from_peft(data: dict, path: Path) -> LoraConfig:
@@ -316,37 +460,41 @@ def import_peft(directory: str | Path, base_params: Params | None = None, *,
     ``export_peft``), restacks per-layer modules of a scanned stack and reshapes DenseGeneral and
     Einsum factors into their layouts (Einsum needs the LoRA model's params, e.g. from
     ``init_lora_params``, whose lora_A / lora_B give the layout; ``flatten_order`` as for
-    ``export_peft``). Without it, names are read as ours
+    ``export_peft``; both default to what the export recorded in the folder). Without it, names are read as ours
     with '.' for '/', 2-D ``weight`` as a Dense kernel and 1-D as a LayerNorm scale. Modules the
     model does not have are named in the error of ``apply_adapter``.
     """
-    directory = Path(directory)
+    directory = folder_path(directory, "the PEFT adapter")
+    if not directory.exists() and directory.parent.is_dir():
+        with locked(directory.parent):
+            recover_folder(directory, _recognise_peft)  # an export killed between its renames
     data = _read_peft_config(directory)
-    config = _config_from_peft(data, directory / "adapter_config.json")
-    weights = directory / "adapter_model.safetensors"
+    config = _config_from_peft(data, directory / CONFIG)
+    weights = directory / WEIGHTS
     if not weights.exists():
-        raise FileNotFoundError(f"{directory} has no adapter_model.safetensors")
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS}")
+    notes = _export_notes(directory)
+    name_map = _agreed(_check_name_map(name_map), notes.get("name_map"), "name_map", directory)
+    flatten_order = _agreed(_check_flatten_order(flatten_order), notes.get("flatten_order"), "flatten_order", directory)
     flat_base = traverse_util.flatten_dict(dict(base_params)) if base_params is not None else None
     out: dict[tuple[str, ...], np.ndarray] = {}
     for name, value in read_safetensors(weights).items():
         if not name.startswith(PREFIX):
             raise ValueError(f"unexpected key {name!r} in {weights} (expected the '{PREFIX}' prefix)")
-        parts = name[len(PREFIX):].split(".")
-        if parts[-2:] in (["lora_A", "weight"], ["lora_B", "weight"]):
-            out[tuple(parts[:-2]) + (parts[-2],)] = _our_layout(value)
-        elif parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
-            out[tuple(parts[:-1]) + ("lora_" + parts[-1][-1],)] = _our_layout(value)
-        elif parts[-1] == "lora_magnitude_vector":
-            n_out = value.shape[1] if value.ndim == 4 else value.shape[-1]
-            out[tuple(parts[:-1]) + ("lora_magnitude",)] = value.reshape((1, 1, 1, n_out) if value.ndim == 4 else (1, n_out))
-        else:
-            module = tuple(parts[:-1])
-            leaf = _our_leaf(module, parts[-1], value, flat_base)
-            out[module + (leaf,)] = _our_layout(value) if leaf == "kernel" else value
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise ValueError(f"{weights}: tensor {name!r} holds inf or NaN; the adapter would output NaN")
+        try:
+            key, converted = _read_tensor(name[len(PREFIX):].split("."), value, flat_base)
+        except ValueError as err:
+            raise ValueError(f"{weights}: tensor {name!r} of shape {value.shape}: {err}") from None
+        out[key] = converted
     if flat_base is not None:
-        out, config = _to_our_modules(out, config, flat_base, name_map, flatten_order)
-    elif flatten_order:
-        raise ValueError("import_peft: flatten_order needs base_params (the kernels give each layer's axes)")
+        usage = _Usage(name_map, flatten_order)
+        out, config = _to_our_modules(out, config, flat_base, usage, weights)
+        usage.check_all_used("of base_params")
+    elif flatten_order or name_map:
+        raise ValueError(f"import_peft: {'flatten_order' if flatten_order else 'name_map'} needs base_params (its "
+                         f"module paths and kernels give each layer's name and axes)")
     _check_lora_shapes(out, config, weights)
     params = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in out.items()})
     check_targets_cover(params, config, source=str(directory))
@@ -357,8 +505,37 @@ def import_peft(directory: str | Path, base_params: Params | None = None, *,
     return Adapter(params, config, meta)
 
 
-def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Mapping[str, str] | None,
-                    flatten_order: Mapping[str, Mapping[str, Any]] | None = None):
+def _agreed(given: dict, recorded: dict | None, what: str, directory: Path) -> dict:
+    """The ``name_map`` / ``flatten_order`` to import with: the one given, else the one the export
+    recorded; both, and different, is an error (one of them describes another model)."""
+    if recorded and given and given != recorded:
+        raise ValueError(f"import_peft: the {what} given ({given}) differs from the one {directory} was exported "
+                         f"with ({recorded}, in {EXPORT_NOTES}); leave it out to use the recorded one")
+    return given or recorded or {}
+
+
+def _read_tensor(parts: list[str], value: np.ndarray, flat_base: dict | None) -> tuple[tuple[str, ...], np.ndarray]:
+    """A PEFT tensor's (our key with the torch module path, the array in our layout); a tensor of a
+    shape its kind never has is a ValueError."""
+    if parts[-2:] in (["lora_A", "weight"], ["lora_B", "weight"]) or parts[-1] in ("lora_embedding_A",
+                                                                                    "lora_embedding_B"):
+        if value.ndim not in (2, 4):
+            raise ValueError(f"a LoRA factor is 2-D (Linear, Embedding) or 4-D (Conv2d), this one is {value.ndim}-D")
+        leaf = parts[-2] if parts[-1] == "weight" else "lora_" + parts[-1][-1]
+        return tuple(parts[:-2] if parts[-1] == "weight" else parts[:-1]) + (leaf,), _our_layout(value)
+    if parts[-1] == "lora_magnitude_vector":
+        if value.ndim not in (1, 4) or (value.ndim == 4 and (value.shape[0], *value.shape[2:]) != (1, 1, 1)):
+            raise ValueError("a DoRA magnitude is (out,) or, for Conv2d, (1, out, 1, 1)")
+        n_out = value.shape[1] if value.ndim == 4 else value.shape[-1]
+        return tuple(parts[:-1]) + ("lora_magnitude",), value.reshape((1, 1, 1, n_out) if value.ndim == 4 else (1, n_out))
+    module = tuple(parts[:-1])
+    leaf = _our_leaf(module, parts[-1], value, flat_base)
+    if leaf == "kernel" and value.ndim not in (2, 4):
+        raise ValueError(f"a saved module's weight read as a kernel is 2-D or 4-D, this one is {value.ndim}-D")
+    return module + (leaf,), _our_layout(value) if leaf == "kernel" else value
+
+
+def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, usage: _Usage, weights: Path):
     """Torch-named factors -> ours, through the names ``export_peft`` would give each layer of the
     model: per-layer modules of a stack are stacked again, Linear factors take the layer's layout."""
     names: dict[str, tuple[tuple[str, ...], int | None, str | None]] = {}
@@ -372,7 +549,7 @@ def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Ma
             b = flat_base[module + ("lora_B",)]
             layout, stacked = _layout(flat_base, module, np.zeros(a.shape), np.zeros(b.shape))
         for index in (range(stacked) if stacked else (None,)):
-            names[torch_module_name("/".join(module), name_map, index)] = (module, index, layout)
+            names[usage.name("/".join(module), index)] = (module, index, layout)
     result: dict[tuple[str, ...], Any] = {}
     stacks: dict[tuple[str, ...], dict[int, Any]] = {}
     for key, value in out.items():
@@ -384,11 +561,15 @@ def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, name_map: Ma
         if leaf in ("lora_A", "lora_B", "lora_magnitude") and layout is not None and module + (leaf,) in flat_base:
             like = tuple(flat_base[module + (leaf,)].shape)
             like = like[1:] if index is not None else like
-            order_in, order_out = _axis_orders("/".join(module), flatten_order)
-            if layout == "linear" and (order_in, order_out) != (None, None) and module + ("kernel",) in flat_base:
-                kernel = tuple(flat_base[module + ("kernel",)].shape)[1 if index is not None else 0:]
-                value = _from_torch_order(value, leaf, kernel, order_in, order_out, "/".join(module))
-            value = _into_layout(value, leaf, layout, like)
+            order_in, order_out = usage.orders("/".join(module))
+            try:
+                if layout == "linear" and (order_in, order_out) != (None, None) and module + ("kernel",) in flat_base:
+                    kernel = tuple(flat_base[module + ("kernel",)].shape)[1 if index is not None else 0:]
+                    value = _from_torch_order(value, leaf, kernel, order_in, order_out, "/".join(module))
+                value = _into_layout(value, leaf, layout, like)
+            except ValueError as err:
+                raise ValueError(f"{weights}: the {leaf} of '{torch_name}' (shape {value.shape} in our layout) does "
+                                 f"not fit layer '{'/'.join(module)}' (its {leaf} is {like}): {err}") from None
         if index is None:
             result[module + (leaf,)] = value
         else:

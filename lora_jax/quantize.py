@@ -36,7 +36,7 @@ from flax import nnx, struct, traverse_util
 from flax.core import meta
 from flax.nnx import variablelib
 
-from .config import LoraConfig
+from .config import LoraConfig, require_config
 from .core.dequantized_call import dequantized_call
 from .safetensors_io import release_freed_memory
 from .core.quant import (Int8Weight, Nf4Weight, dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4,
@@ -205,6 +205,7 @@ def quantize(params: Params | nnx.Module, config: LoraConfig, format: Format = "
         (computed from the float kernel: quantize first, then add the adapter); ``params`` are
         already quantized; a kernel looks stacked (``nn.scan``) but ``stacked=`` does not name it.
     """
+    require_config(config, "quantize")
     quantizer = KernelQuantizer(config, format, layers, block=block, stacked=stacked, measure=True)
     if isinstance(params, nnx.Module):
         if stacked:
@@ -398,6 +399,11 @@ def merge_requantized(params: Params, config: LoraConfig) -> tuple[dict, dict[st
     """
     from .merge import merge
 
+    require_config(config, "merge_requantized")
+    if isinstance(params, nnx.Module):
+        raise TypeError("merge_requantized takes a linen param tree; for an NNX model, lora_jax.merge(model, config) "
+                        "gives a merged copy, and lora_jax.quantize(merged, config, format, layers='all') quantizes it "
+                        "again")
     boxes = {key[:-1]: value for key, value in traverse_util.flatten_dict(dict(params)).items()
              if isinstance(value, QuantizedKernel)}
     if not boxes:

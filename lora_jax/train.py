@@ -10,13 +10,14 @@ shardings, optimizer moments like the params they follow, step counter and rng r
 step returns each leaf with the sharding it came in with: the adapter's layout is stable across
 steps and the step compiles once.
 
-Every step reports ``finite`` (loss and gradient norm are finite) in its metrics, so divergence is
-one cheap flag to check; ``skip_nonfinite=True`` additionally leaves the state unchanged on such a
+Every step reports ``finite`` (the loss, the gradient norm and the updated trainable leaves are
+finite) in its metrics, so divergence, on the last step too, is one cheap flag to check; ``skip_nonfinite=True`` additionally leaves the state unchanged on such a
 step (the step counter still advances).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -26,8 +27,10 @@ import optax
 from flax import struct, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from .finite import all_finite
 from .masking import combine, partition
-from .quantize import unbox_but_quantized
+from .nnx_trees import as_param_tree
+from .quantize import QuantizedKernel, unbox_but_quantized
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -92,7 +95,9 @@ class TrainState:
             shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
             state = TrainState.create(nn.unbox(boxed_params), mask, tx, rng, shardings=shardings)
         """
-        params = unbox_but_quantized(params)  # quantized kernels stay small
+        _check_optimizer(optimizer, "TrainState.create")
+        _check_rng(rng)
+        params = unbox_but_quantized(as_param_tree(params))  # quantized kernels stay small
         check_mask(params, mask)
         trainable, frozen = partition(params, mask)
         trainable = jax.tree.map(jnp.copy, trainable)
@@ -109,9 +114,30 @@ class TrainState:
                    rng=jax.device_put(rng, replicated))
 
 
+def _check_optimizer(optimizer: Any, where: str) -> None:
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(f"{where} takes an optax GradientTransformation (e.g. optax.adamw(1e-3)), got "
+                        f"{type(optimizer).__name__}")
+
+
+def _check_rng(rng: Any) -> None:
+    """A jax PRNG key: a typed key array, or a legacy uint32 key of shape (2,)."""
+    dtype = getattr(rng, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and np.shape(rng) == ()
+    legacy = dtype == np.uint32 and np.shape(rng) == (2,)
+    if not (typed or legacy):
+        raise TypeError(f"TrainState.create takes a jax PRNG key as rng, e.g. jax.random.key(0), got "
+                        f"{type(rng).__name__}{' ' + str(np.shape(rng)) if dtype is not None else ''}")
+
+
 def _per_leaf_shardings(params: Params, shardings: Params | Sharding) -> dict:
+    """A tree like ``params`` of shardings (a quantized kernel's codes and scales each get their own:
+    ``_quantized_shardings``); every sharding on one set of devices."""
     if isinstance(shardings, Sharding):
-        return jax.tree.map(lambda _: shardings, dict(params))
+        shardings = jax.tree.map(lambda _: shardings, dict(params), is_leaf=lambda x: isinstance(x, QuantizedKernel))
+    if not isinstance(shardings, Mapping):
+        raise TypeError(f"shardings must be one jax.sharding.Sharding or a tree like the params of them, got "
+                        f"{shardings!r} ({type(shardings).__name__}); e.g. NamedSharding(mesh, PartitionSpec('model'))")
     flat, flat_sh = traverse_util.flatten_dict(dict(params)), traverse_util.flatten_dict(dict(shardings))
     missing = sorted(path_str(k) for k in flat.keys() - flat_sh.keys())[:5]
     if missing:
@@ -121,7 +147,25 @@ def _per_leaf_shardings(params: Params, shardings: Params | Sharding) -> dict:
     if bad:
         raise ValueError(f"shardings at {bad} are not jax.sharding.Sharding objects (a PartitionSpec needs a mesh: "
                          f"NamedSharding(mesh, spec))")
-    return traverse_util.unflatten_dict({k: flat_sh[k] for k in flat})
+    device_sets = {frozenset(flat_sh[k].device_set) for k in flat}
+    if len(device_sets) > 1:
+        raise ValueError(f"shardings span {len(device_sets)} different sets of devices (two meshes?): every leaf of "
+                         f"one TrainState must live on the same mesh")
+    return traverse_util.unflatten_dict({k: _quantized_shardings(v, flat_sh[k]) if isinstance(v, QuantizedKernel)
+                                         else flat_sh[k] for k, v in flat.items()})
+
+
+def _quantized_shardings(box: QuantizedKernel, sharding: Sharding) -> QuantizedKernel:
+    """Shardings for a quantized kernel's leaves, from the kernel's own: int8 codes (the kernel's
+    shape) take it as it is and the per-output scales its output axes; NF4's flat packed codes and
+    block scales have no kernel axes and are replicated (at 4 bits, 1/8 of the float32 kernel)."""
+    replicated = _replicated_like(sharding)
+    if box.format == "int8" and isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (len(box.shape) - len(sharding.spec))
+        scale_spec = PartitionSpec(*(None if d == 1 else s for d, s in zip(box.weight.scale.shape, spec)))
+        weight = dataclasses.replace(box.weight, data=sharding, scale=NamedSharding(sharding.mesh, scale_spec))
+        return box.replace(weight=weight)
+    return jax.tree.map(lambda _: replicated, box)
 
 
 def _replicated_like(sharding: Sharding) -> Sharding:
@@ -153,14 +197,17 @@ def _optimizer_shardings(optimizer, trainable: dict, train_sh: dict, replicated:
 class TrainStep:
     """``state, metrics = step(state, batch)``; jitted, donating trainable params and optimizer state.
 
-    ``metrics`` holds ``loss``, ``grad_norm``, ``finite`` (a bool: loss and gradient norm are finite)
-    and whatever dict ``loss_fn`` returns as aux.
+    ``metrics`` holds ``loss``, ``grad_norm``, ``finite`` (a bool: the loss, the gradient norm and
+    every updated trainable leaf are finite) and whatever dict ``loss_fn`` returns as aux.
     """
 
     def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, mask: Params, *,
                  has_aux: bool = False, donate: bool = True, skip_nonfinite: bool = False,
                  batch_sharding: Sharding | None = None):
         check_mask(None, mask)
+        _check_optimizer(optimizer, "make_train_step")
+        if not callable(loss_fn):
+            raise TypeError(f"make_train_step takes loss_fn(params, batch, rng) -> loss, got {type(loss_fn).__name__}")
         self.mask = mask
         flat_mask = traverse_util.flatten_dict(dict(mask))
         self._trainable_keys = frozenset(k for k, v in flat_mask.items() if v)
@@ -177,13 +224,19 @@ class TrainStep:
 
         def objective(t):
             out = self._loss_fn(combine(t, frozen), batch, step_rng)
+            if self._has_aux and not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+                raise TypeError(f"has_aux=True: loss_fn must return (loss, dict of metrics), got "
+                                f"{type(out).__name__}")
+            if not self._has_aux and isinstance(out, (tuple, list)):
+                raise TypeError(f"loss_fn returned a {type(out).__name__} of {len(out)}; a (loss, aux) pair needs "
+                                f"make_train_step(..., has_aux=True) (aux: a dict of metrics)")
             return out if self._has_aux else (out, {})
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = self._optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_trainable)
         if self._skip_nonfinite:
             keep_new = lambda new, old: jnp.where(finite, new, old)
             new_trainable = jax.tree.map(keep_new, new_trainable, trainable)
@@ -239,7 +292,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ma
         ``params`` is the full tree, ``rng`` a fresh key per step for dropout streams.
       optimizer: any optax transformation; it sees only the trainable leaves.
       mask: the bool tree from ``trainable_mask``; it must select at least one leaf.
-      skip_nonfinite: on a step whose loss or gradient norm is not finite, keep the params and
+      skip_nonfinite: on a step whose loss, gradient norm or updated params are not finite, keep the params and
         optimizer state as they were (``metrics['finite']`` is False either way).
       batch_sharding: where each batch goes before the step (e.g. ``NamedSharding(mesh, P('data'))``
         for data parallelism); None: as the caller placed it. The state's own placement comes from

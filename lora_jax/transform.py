@@ -129,6 +129,9 @@ def lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError("lora() on an NNX model adds params in place and needs rngs=nnx.Rngs(...) for them "
                             f"(got {type(rngs).__name__})")
+        if "params" not in rngs and "default" not in rngs:
+            raise ValueError("lora(): rngs has no 'params' stream (nor a default one) to initialise lora_A from: pass "
+                             "nnx.Rngs(0), or nnx.Rngs(params=0, ...) beside your other streams")
         from .nnx_transform import lora_nnx
 
         return lora_nnx(model, config, rngs=rngs)

@@ -198,3 +198,32 @@ def test_nnx_apply_adapter_uses_the_adapters_own_scale_and_refuses_another_varia
     with pytest.raises(ValueError, match="'fc' of the model is DoRA and the adapter is plain LoRA"):
         lora_jax.apply_adapter(dora_model, lora_jax.Adapter({"fc": {"lora_A": a, "lora_B": b}},
                                                             LoraConfig(rank=2, targets=("fc",))))
+
+
+def test_weighted_adapters_refuse_heads_bad_weights_other_widths_and_other_bases():
+    config, params = _params()
+    a = lora_jax.extract_adapter(randomize_lora(params, seed=1), config)
+    b = lora_jax.extract_adapter(randomize_lora(params, seed=2), config)
+    with_head = lora_jax.Adapter({**a.params, "fc3": {"kernel": jnp.ones((8, 3))}}, config)
+    with pytest.raises(ValueError, match=r"adapter 1 also trained \['fc3/kernel'\] \(a head"):
+        lora_jax.add_weighted_adapter([a, with_head], [0.5, 0.5])
+    for weights, message in (([1.0, float("nan")], r"weights\[1\] is nan"), ([float("inf"), 1.0], r"weights\[0\] is inf"),
+                             ([1.0, "2"], r"weights\[1\] is '2'"), ([True, 1.0], r"weights\[0\] is True")):
+        with pytest.raises(ValueError, match=message):
+            lora_jax.add_weighted_adapter([a, b], weights)
+    with pytest.raises(TypeError, match="a list of weights"):
+        lora_jax.add_weighted_adapter([a, b], (w for w in [1.0, 1.0]))
+    with pytest.raises(ValueError, match="svd_rank"):
+        lora_jax.add_weighted_adapter([a, b], [1.0, 1.0], "svd", base_params=params, svd_rank=True)
+    wide = jax.tree.map(lambda v: jnp.concatenate([v, v], 0) if v.shape[0] == 4 else v, dict(b.params))
+    with pytest.raises(ValueError, match="layer 'fc1': the adapters' factors .* only the rank may differ"):
+        lora_jax.add_weighted_adapter([a, lora_jax.Adapter(wide, config)], [1.0, 1.0], "cat", base_params=params)
+    mask = lora_jax.trainable_mask(params, config)
+    fp = lora_jax.base_fingerprint(params, mask)
+    other_fp = lora_jax.base_fingerprint(jax.tree.map(lambda v: v + 1.0, params), mask)
+    same = lora_jax.add_weighted_adapter([lora_jax.Adapter(a.params, config, {"base_fingerprint": fp}),
+                                          lora_jax.Adapter(b.params, config, {"base_fingerprint": fp})], [0.5, 0.5])
+    assert same.metadata["base_fingerprint"] == fp
+    with pytest.raises(ValueError, match="trained on 2 different bases"):
+        lora_jax.add_weighted_adapter([lora_jax.Adapter(a.params, config, {"base_fingerprint": fp}),
+                                       lora_jax.Adapter(b.params, config, {"base_fingerprint": other_fp})], [0.5, 0.5])

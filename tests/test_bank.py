@@ -55,3 +55,92 @@ def test_out_of_range_or_float_indices_and_adapters_of_other_widths_are_refused(
         lora_jax.hotswap_adapter(params, lora_jax.Adapter(wider, own_config), slots)
     with pytest.raises(ValueError, match="only the rank"):
         lora_jax.make_bank(params, [lora_jax.Adapter(wider, own_config)], slots)
+
+
+def test_adapters_heads_are_served_even_where_the_slots_train_no_head():
+    x = jax.random.normal(jax.random.key(3), (3, 10))
+    _, slots, _, adapters = served_mlp_and_adapters(x)
+    headless = slots.replace(modules_to_save=())
+    from experiments.mlp import MLP
+    served = lora_jax.lora(MLP((16, 12, 3)), headless)
+    params = served.init(jax.random.key(0), x)["params"]
+    bank = lora_jax.make_bank(params, [a for _, _, a in adapters], headless)
+    assert bank["fc3"]["kernel"].shape == (4, 12, 3)
+    mixed = lora_jax.bank_apply(served, params, bank, jnp.array([0, 1, 2]), x)
+    for i, (own, own_params, _) in enumerate(adapters):
+        np.testing.assert_allclose(mixed[i], own.apply({"params": own_params}, x[i:i + 1])[0], atol=1e-5)
+
+
+def test_swaps_and_banks_check_the_base_fingerprint_and_name_incomplete_adapters():
+    import pytest
+
+    x = jax.random.normal(jax.random.key(3), (3, 10))
+    _, slots, params, adapters = served_mlp_and_adapters(x)
+    _, own_params, adapter = adapters[0]
+    other = jax.tree.map(lambda v: v + 0.5, own_params)  # another base: every weight differs
+    recorded = lora_jax.base_fingerprint(other, lora_jax.trainable_mask(other, adapter.config))
+    foreign = lora_jax.Adapter(adapter.params, adapter.config, {"base_fingerprint": recorded})
+    with pytest.raises(lora_jax.BaseMismatchError, match="different base model"):
+        lora_jax.hotswap_adapter(params, foreign, slots)
+    with pytest.raises(lora_jax.BaseMismatchError, match="adapter 1: .*different base model"):
+        lora_jax.make_bank(params, [adapter, foreign], slots)
+    with pytest.warns(UserWarning, match="different base model"):
+        lora_jax.make_bank(params, [foreign], slots, strict=False)
+    own = lora_jax.base_fingerprint(own_params, lora_jax.trainable_mask(own_params, adapter.config))
+    lora_jax.hotswap_adapter(params, lora_jax.Adapter(adapter.params, adapter.config, {"base_fingerprint": own}), slots)
+    incomplete = {k: {n: v for n, v in layer.items() if n != "lora_B"} for k, layer in adapter.params.items()}
+    with pytest.raises(ValueError, match="'fc1' has lora_A but no lora_B"):
+        lora_jax.make_bank(params, [lora_jax.Adapter(incomplete, adapter.config)], slots)
+
+
+def test_a_dora_banks_no_adapter_row_is_the_base_model():
+    from experiments.mlp import MLP
+
+    x = jax.random.normal(jax.random.key(3), (4, 10))
+    base_model = MLP((16, 12, 3))
+    base = base_model.init(jax.random.key(0), x)["params"]
+    config = lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), use_dora=True)
+    served = lora_jax.lora(base_model, config)
+    trained = lora_jax.init_lora_params(served, base, jax.random.key(1), x)
+    for name in ("fc1", "fc2"):  # magnitudes moved away from ||W||, B away from 0
+        layer = trained[name]
+        layer["lora_magnitude"] = layer["lora_magnitude"] * 1.3
+        layer["lora_B"] = jax.random.normal(jax.random.key(2), layer["lora_B"].shape)
+    adapter = lora_jax.extract_adapter(trained, config)
+    bank = lora_jax.make_bank(trained, [adapter], config)
+    out = lora_jax.bank_apply(served, trained, bank, jnp.array([-1, 0, -1, 0]), x)
+    out, rows = np.asarray(out), np.array([0, 2])
+    np.testing.assert_allclose(out[rows], base_model.apply({"params": base}, x[rows]), atol=1e-5)
+    np.testing.assert_allclose(out[rows + 1], served.apply({"params": trained}, x[rows + 1]), atol=1e-5)
+
+
+def test_an_nnx_model_serves_a_bank_and_hotswaps_in_place():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(10, 16, rngs=rngs)
+            self.fc2 = nnx.Linear(16, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jnp.tanh(self.fc1(x)))
+
+    x = jax.random.normal(jax.random.key(3), (3, 10))
+    slots = lora_jax.LoraConfig(rank=4, alpha=4, targets=("fc1", "fc2"))
+    adapters = []
+    for i, config in enumerate([lora_jax.LoraConfig(rank=2, alpha=8, targets=("fc1", "fc2")),
+                                lora_jax.LoraConfig(rank=4, alpha=2, targets=("fc1",), rslora=True)]):
+        own = lora_jax.lora(Net(nnx.Rngs(0)), config, rngs=nnx.Rngs(i + 1))
+        for _, module in nnx.iter_modules(own):
+            if hasattr(module, "lora_B"):
+                module.lora_B[...] = jax.random.normal(jax.random.key(i), module.lora_B[...].shape)
+        expected = np.asarray(own(x))
+        adapters.append((expected, lora_jax.extract_adapter(own, config)))
+    served = lora_jax.lora(Net(nnx.Rngs(0)), slots, rngs=nnx.Rngs(9))
+    bank = lora_jax.make_bank(served, [a for _, a in adapters], slots)
+    out = lora_jax.bank_apply(served, None, bank, jnp.array([1, 0, -1]), x)
+    np.testing.assert_allclose(out[0], adapters[1][0][0], atol=1e-5)
+    np.testing.assert_allclose(out[1], adapters[0][0][1], atol=1e-5)
+    np.testing.assert_allclose(out[2], Net(nnx.Rngs(0))(x)[2], atol=1e-5)
+    assert lora_jax.hotswap_adapter(served, adapters[0][1], slots) is served
+    np.testing.assert_allclose(served(x), adapters[0][0], atol=1e-5)

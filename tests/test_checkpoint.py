@@ -276,6 +276,24 @@ def test_restore_without_checkpoint_is_an_error(tmp_path):
         ckpt.restore(lora_jax.TrainState.create(params, mask, optax.sgd(0.1), jax.random.key(0)))
 
 
+
+def test_restoring_into_a_state_of_another_shape_names_the_leaves(tmp_path):
+    _, config, params, _ = _mlp_lora(rank=2)
+    mask = lora_jax.trainable_mask(params, config)
+    ckpt = lora_jax.TrainCheckpointer(tmp_path / "run", mask, save_every=1, async_save=False)
+    ckpt.save(lora_jax.TrainState.create(params, mask, optax.adam(0.1), jax.random.key(0)), force=True)
+    ckpt.close()
+    _, config4, params4, _ = _mlp_lora(rank=4)
+    mask4 = lora_jax.trainable_mask(params4, config4)
+    other = lora_jax.TrainCheckpointer(tmp_path / "run", mask4)
+    with pytest.raises(ValueError, match=r"does not fit the state given: 'fc1/lora_A' saved \(10, 2\), state \(10, 4\)"):
+        other.restore(lora_jax.TrainState.create(params4, mask4, optax.adam(0.1), jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"step 0 .* does not fit the state given \(its optimizer state"):
+        other_opt = lora_jax.TrainCheckpointer(tmp_path / "run", mask)
+        other_opt.restore(lora_jax.TrainState.create(params, mask, optax.sgd(0.1, momentum=0.9), jax.random.key(0)))
+    other.close()
+
+
 CRASHING_SAVER = textwrap.dedent("""
     import os, signal, sys
     import jax, jax.numpy as jnp, optax, lora_jax
@@ -373,3 +391,66 @@ def test_saving_and_loading_never_delete_a_users_folders_named_like_leftovers(tm
     lora_jax.load_adapter(path)  # a read call
     lora_jax.save_adapter(path, params, config)  # an overwrite
     assert all((folder / "mine.txt").read_text() == "user data" for folder in own)
+
+
+def test_a_non_finite_adapter_is_neither_saved_nor_loaded_unless_asked(tmp_path):
+    _, config, params, _ = _mlp_lora()
+    good = lora_jax.save_adapter(tmp_path / "a", params, config)
+    before = {p: p.read_bytes() for p in good.rglob("*") if p.is_file()}
+    diverged = jax.tree.map(lambda x: x, params)
+    diverged["fc2"]["lora_B"] = diverged["fc2"]["lora_B"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"leaves \['fc2/lora_B'\] hold inf or NaN .*nothing was saved"):
+        lora_jax.save_adapter(good, diverged, config)
+    assert {p: p.read_bytes() for p in good.rglob("*") if p.is_file()} == before  # the good one is untouched
+    kept = lora_jax.save_adapter(tmp_path / "b", diverged, config, allow_nonfinite=True)
+    with pytest.raises(ValueError, match=r"holds inf or NaN in \['fc2/lora_B'\]"):
+        lora_jax.load_adapter(kept)
+    assert np.isnan(lora_jax.load_adapter(kept, allow_nonfinite=True).params["fc2"]["lora_B"][0, 0])
+
+
+def test_a_config_missing_saved_layers_is_refused_before_writing(tmp_path):
+    _, config, params, _ = _mlp_lora()
+    with pytest.raises(ValueError, match=r"lora_A/lora_B for layers its config does not target \(\['fc2'\]"):
+        lora_jax.save_adapter(tmp_path / "a", params, config.replace(targets=("fc1",)))
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
+
+
+def test_adapter_paths_expand_home_and_refuse_the_current_directory(tmp_path, monkeypatch):
+    _, config, params, _ = _mlp_lora()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = lora_jax.save_adapter("~/adapters/a", params, config)
+    assert path == tmp_path / "home" / "adapters" / "a" and not (tmp_path / "~").exists()
+    assert lora_jax.load_adapter("~/adapters/a").config == config
+    for bad in ("", " ", ".", "sub/.."):
+        with pytest.raises(ValueError, match="the path of the adapter"):
+            lora_jax.save_adapter(bad, params, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"labels": np.array(["a", "b"])}, r"metadata\['labels'\] is a numpy.ndarray, not JSON"),
+    ({"threshold": np.float32(0.5)}, r"metadata\['threshold'\] is a numpy.float32"),
+    ({"curve": [1.0, float("nan")]}, r"metadata\['curve'\]\[1\] is nan"),
+    ({1: "x"}, r"has the key 1 \(int\)"),
+    ({"base_fingerprint": 123}, r"metadata\['base_fingerprint'\] must be a string"),
+])
+def test_metadata_that_is_not_json_is_refused_before_anything_is_written(tmp_path, metadata, message):
+    _, config, params, _ = _mlp_lora()
+    with pytest.raises(ValueError, match=message):
+        lora_jax.save_adapter(tmp_path / "a", params, config, metadata=metadata)
+    assert not list(tmp_path.iterdir())  # no orbax temp folder either
+
+
+@pytest.mark.parametrize("field, value", [("base_fingerprint", 123), ("base_fingerprint", ["sha256:00"]),
+                                          ("base_model", {"name": "x"})])
+def test_forged_metadata_fields_are_named_on_load(tmp_path, field, value):
+    _, config, params, _ = _mlp_lora()
+    path = lora_jax.save_adapter(tmp_path / "a", params, config)
+    meta_file = path / "metadata" / "metadata"
+    edited = json.loads(meta_file.read_text())
+    edited[field] = value
+    meta_file.write_text(json.dumps(edited))
+    checkpoint._write_manifest(path)  # as a forger would
+    with pytest.raises(ValueError, match=rf"\['{field}'\] must be a string"):
+        lora_jax.load_adapter(path)

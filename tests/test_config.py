@@ -11,6 +11,7 @@ from lora_jax import LoraConfig
         ({"rank": 2.5}, "rank must be a positive integer"),
         ({"alpha": 0}, "alpha must be > 0"),
         ({"alpha": -1.0}, "alpha must be > 0"),
+        ({"alpha": 1e300}, "alpha must be > 0 and at most 1e\+30"),
         ({"init": "xavier"}, "init must be one of"),
         ({"bias": "some"}, "bias must be one of"),
         ({"dropout": 1.0}, "dropout must be in"),

@@ -74,3 +74,12 @@ def test_fingerprints_of_earlier_versions_are_still_checked(lora_params):
     check_base_fingerprint(base, adapter, digest.hexdigest())
     with pytest.raises(BaseMismatchError):
         check_base_fingerprint(jax.tree.map(lambda x: -x, base), adapter, digest.hexdigest())
+
+
+@pytest.mark.parametrize("recorded", [123, ["sampled-v1:00"], {"sha": 1}])
+def test_a_recorded_fingerprint_that_is_not_a_string_is_named(lora_params, recorded):
+    config, params = lora_params
+    mask = lora_jax.trainable_mask(params, config)
+    _, base = lora_jax.partition(params, mask)
+    with pytest.raises(ValueError, match=r"records base_fingerprint .* a fingerprint is a string"):
+        check_base_fingerprint(base, lora_jax.extract_adapter(params, config).params, recorded)

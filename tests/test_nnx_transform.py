@@ -363,3 +363,16 @@ def test_exclude_rank_pattern_and_rslora_behave_as_in_linen():
     x = jax.random.normal(jax.random.key(0), (4, 10))
     np.testing.assert_allclose(model(x), lora_jax.lora(LinenMlp(), config).apply(
         {"params": lora_jax.nnx_params(model)}, x), atol=1e-6)
+
+
+def test_rngs_without_a_params_stream_misshaped_functional_params_and_requantized_merges_are_named():
+    config = LoraConfig(rank=2, targets=("fc1",))
+    with pytest.raises(ValueError, match=r"rngs has no 'params' stream .*nnx.Rngs\(params=0"):
+        lora_jax.lora(Mlp(nnx.Rngs(0)), config, rngs=nnx.Rngs(dropout=1))
+    model = lora_jax.lora(Mlp(nnx.Rngs(0)), config, rngs=nnx.Rngs(params=1, dropout=2))
+    apply, params = lora_jax.nnx_functional(model)
+    params["fc1"]["lora_A"] = jnp.zeros((params["fc1"]["lora_A"].shape[0], 5))
+    with pytest.raises(ValueError, match=r"params\['fc1/lora_A'\] has shape \(\d+, 5\), the model's variable \(\d+, 2\)"):
+        apply(params, jnp.ones((1, params["fc1"]["lora_A"].shape[0])))
+    with pytest.raises(TypeError, match="merge_requantized takes a linen param tree; for an NNX model"):
+        lora_jax.merge_requantized(model, config)

@@ -136,8 +136,16 @@ def test_export_refuses_layers_without_peft_equivalent(tmp_path):
     ("{not json", r"adapter_config.json is not valid JSON"),
     ("[1, 2]", r"holds a JSON list, not an object"),
     ('{"peft_type": "LORA", "lora_alpha": 8, "target_modules": ["query"]}', r"lacks the field 'r'"),
-    ('{"peft_type": "LORA", "r": "8", "lora_alpha": 8, "target_modules": ["query"]}', r"rank must be a positive integer"),
-    ('{"peft_type": "LORA", "r": 8, "lora_alpha": "x", "target_modules": ["query"]}', r"alpha must be a number"),
+    ('{"peft_type": "LORA", "r": "8", "lora_alpha": 8, "target_modules": ["query"]}', r"r is '8' \(str\); it must be an integer"),
+    ('{"peft_type": "LORA", "r": 0, "lora_alpha": 8, "target_modules": ["query"]}', r"rank must be a positive integer"),
+    ('{"peft_type": "LORA", "r": 8, "lora_alpha": "x", "target_modules": ["query"]}', r"lora_alpha is 'x' \(str\)"),
+    ('{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["query"], "use_rslora": "false"}',
+     r"use_rslora is 'false' \(str\); it must be true or false"),
+    ('{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["query"], "use_dora": "no"}',
+     r"use_dora is 'no'"),
+    ('{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": 7}', r"target_modules is 7 \(int\)"),
+    ('{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["q"], "rank_pattern": {"q": "4"}}',
+     r"rank_pattern is \{'q': '4'\}"),
 ])
 def test_broken_peft_configs_name_the_file_and_field(tmp_path, config_text, message):
     (tmp_path / "adapter_config.json").write_text(config_text)
@@ -486,3 +494,86 @@ def test_name_map_bridges_flax_and_torch_module_names(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, back.params, lora_jax.lora_leaves(params))
     with pytest.raises(ValueError, match=r"needs '\{i\}' where the layer index goes"):
         lora_jax.peft_io.torch_module_name("blocks/q", {"blocks/(.*)": r"layers.\1"}, index=0)
+
+
+def test_the_export_records_its_flatten_order_and_name_map_for_the_import(tmp_path):
+    _, config, params, _ = _gpt_with_adapter()
+    order = {"q": {"out": (1, 0)}}
+    lora_jax.export_peft(tmp_path / "a", params, config, flatten_order=order)
+    back = lora_jax.import_peft(tmp_path / "a", base_params=params)  # the order is read from the folder
+    jax.tree.map(np.testing.assert_array_equal, back.params, lora_jax.lora_leaves(params))
+    with pytest.raises(ValueError, match="flatten_order given .* differs from the one"):
+        lora_jax.import_peft(tmp_path / "a", base_params=params, flatten_order={"q": {"out": (0, 1)}})
+    names = {r"blocks/(.*)": r"layers.{i}.\1"}
+    lora_jax.export_peft(tmp_path / "b", params, config, name_map=names)
+    back = lora_jax.import_peft(tmp_path / "b", base_params=params)
+    jax.tree.map(np.testing.assert_array_equal, back.params, lora_jax.lora_leaves(params))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"flatten_order": {"qq": {"out": (1, 0)}}}, r"flatten_order 'qq' matches no layer of the adapter"),
+    ({"name_map": {r"block/(.*)": r"layers.{i}.\1"}}, r"name_map 'block/\(\.\*\)' matches no layer"),
+    ({"name_map": {r"blocks/(.*)": r"layers.{i}.x"}}, r"gives 'blocks/o' layer 0 and 'blocks/q' layer 0 the same "
+                                                       r"torch name 'layers.0.x'|the same torch name"),
+    ({"name_map": {r"blocks/(.*)": r"layers.{i}.\1", "head": "head.{i}"}}, r"has '\{i\}', but 'head' is not a stack"),
+    ({"name_map": {r"blocks/(.*": "x"}}, r"name_map pattern 'blocks/\(\.\*' is not a valid regex"),
+])
+def test_patterns_that_match_nothing_or_collide_are_refused(tmp_path, kwargs, message):
+    _, config, params, _ = _gpt_with_adapter()
+    config = config.replace(modules_to_save=("head",)) if "head" in str(kwargs) else config
+    with pytest.raises(ValueError, match=message):
+        lora_jax.export_peft(tmp_path / "a", params, config, **kwargs)
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_swaps_the_folder_atomically_and_never_mixes_versions(tmp_path, monkeypatch):
+    from lora_jax import folder_swap
+
+    _, config, params, _ = _gpt_with_adapter()
+    folder = lora_jax.export_peft(tmp_path / "a", params, config)
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    newer = jax.tree.map(lambda v: v * 2, params)
+    calls = []
+
+    def dies_between_renames(src, dst):  # the old folder moved aside, then the process dies
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        src.rename(dst)
+
+    monkeypatch.setattr(folder_swap, "_rename", dies_between_renames)
+    with pytest.raises(KeyboardInterrupt):
+        lora_jax.export_peft(folder, newer, config.replace(alpha=8.0))
+    monkeypatch.undo()
+    back = lora_jax.import_peft(folder, base_params=params)  # the import finds the old version whole
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old and back.config.alpha == config.alpha
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="also holds \\['notes.txt'\\]"):
+        lora_jax.export_peft(folder, newer, config)
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_non_finite_or_misshapen_peft_tensors_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                              "target_modules": ["fc1"]}))
+    weights = str(tmp_path / "adapter_model.safetensors")
+    a = np.ones((2, 10), np.float32)
+    for tensors, message in (
+            ({"base_model.model.fc1.lora_A.weight": np.full((2, 10), np.nan, np.float32),
+              "base_model.model.fc1.lora_B.weight": np.ones((16, 2), np.float32)}, r"'base_model.model.fc1.lora_A.weight' holds inf or NaN"),
+            ({"base_model.model.fc1.lora_A.weight": np.ones(20, np.float32),
+              "base_model.model.fc1.lora_B.weight": np.ones((16, 2), np.float32)}, r"fc1.lora_A.weight' of shape \(20,\): a LoRA factor is 2-D"),
+            ({"base_model.model.fc1.lora_A.weight": a, "base_model.model.fc1.lora_B.weight": np.ones((16, 2), np.float32),
+              "base_model.model.fc1.lora_magnitude_vector": np.ones((2, 16), np.float32)}, r"a DoRA magnitude is \(out,\)")):
+        save_file(tensors, weights)
+        with pytest.raises(ValueError, match=message):
+            lora_jax.import_peft(tmp_path)
+    save_file({"base_model.model.fc1.lora_A.weight": np.ones((2, 12), np.float32),  # 12 inputs; the layer has 10
+               "base_model.model.fc1.lora_B.weight": np.ones((16, 2), np.float32)}, weights)
+    from experiments.mlp import MLP
+    config = LoraConfig(rank=2, targets=("fc1",))
+    params = lora_jax.lora(MLP((16, 3)), config).init(jax.random.key(0), jnp.ones((1, 10)))["params"]
+    with pytest.raises(ValueError, match=r"lora_A of 'fc1' .* does not fit layer 'fc1'"):
+        lora_jax.import_peft(tmp_path, base_params=params)

@@ -143,6 +143,20 @@ def test_non_finite_steps_are_flagged_and_optionally_skipped(skip):
         assert np.isnan(after["fc1"]["lora_A"]).any()
 
 
+def test_an_update_that_overflows_is_flagged_though_its_loss_was_finite():
+    # SGD with a huge rate: the loss before the update is finite, the updated params are not (the
+    # last step of a run diverging leaves nothing after it to see a bad loss)
+    _, config, params, loss_fn, batch = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    tx = optax.sgd(1e25)
+    state = lora_jax.TrainState.create(params, mask, tx, jax.random.key(0))
+    huge = lambda p, b, rng: 1e15 * loss_fn(p, b, rng)  # gradients ~1e14: finite; the update ~1e39: inf
+    state, metrics = lora_jax.make_train_step(huge, tx, mask)(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.trainable))
+    assert not bool(metrics["finite"])
+
+
 def _bert_flops(layers: int, hidden: int) -> tuple[float, float]:
     config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
                         intermediate_size=4 * hidden, num_labels=3)
@@ -237,6 +251,31 @@ for _ in range(3):
     plain, metrics = plain_step(plain, batch)
     reference.append(float(metrics["loss"]))
 np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+for fmt in ("int8", "nf4"):  # QLoRA on the mesh: the quantized kernels' leaves placed from the kernel's sharding
+    quantized = lora_jax.quantize(params, config, fmt, layers="all")
+    state = lora_jax.TrainState.create(quantized, mask, tx, jax.random.key(1), shardings=shardings)
+    plain = lora_jax.TrainState.create(quantized, mask, tx, jax.random.key(1))
+    if fmt == "int8":
+        assert state.frozen["fc1"]["kernel"].weight.data.sharding.spec == P("data", "model")
+        assert state.frozen["fc1"]["kernel"].weight.scale.sharding.spec == P(None, "model")
+    sharded_losses, plain_losses = [], []
+    for _ in range(2):
+        state, metrics = step(state, batch)
+        plain, plain_metrics = plain_step(plain, batch)
+        sharded_losses.append(float(metrics["loss"]))
+        plain_losses.append(float(plain_metrics["loss"]))
+    np.testing.assert_allclose(sharded_losses, plain_losses, rtol=1e-5)
+
+other = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("model",))
+for bad, message in (("model", "shardings must be one jax.sharding.Sharding"),
+                     ({**shardings, "fc2": jax.tree.map(lambda s: NamedSharding(other, P()), shardings["fc2"])},
+                      "different sets of devices")):
+    try:
+        lora_jax.TrainState.create(params, mask, tx, jax.random.key(1), shardings=bad)
+        raise AssertionError("accepted " + str(bad)[:40])
+    except (TypeError, ValueError) as err:
+        assert message in str(err), err
 print("SHARDED OK", losses)
 '''
 
@@ -253,3 +292,24 @@ def test_sharded_training_on_four_devices_compiles_once_and_keeps_layouts():
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 0 and "SHARDED OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_wrong_arguments_to_the_state_and_step_are_named():
+    model, config, params, loss_fn, batch = _setup()
+    mask = lora_jax.trainable_mask(params, config)
+    with pytest.raises(TypeError, match=r"TrainState.create takes an optax GradientTransformation .*got NoneType"):
+        lora_jax.TrainState.create(params, mask, None, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"takes a jax PRNG key as rng, e.g. jax.random.key\(0\), got int"):
+        lora_jax.TrainState.create(params, mask, optax.sgd(0.1), 0)
+    with pytest.raises(TypeError, match=r"make_train_step takes an optax GradientTransformation"):
+        lora_jax.make_train_step(loss_fn, None, mask)
+    state = lora_jax.TrainState.create(params, mask, optax.sgd(0.1), jax.random.PRNGKey(0))  # a legacy key is a key
+    with_aux = lambda p, b, rng: (loss_fn(p, b, rng), {"n": jnp.float32(1)})
+    with pytest.raises(TypeError, match=r"returned a tuple of 2; a \(loss, aux\) pair needs .*has_aux=True"):
+        lora_jax.make_train_step(with_aux, optax.sgd(0.1), mask)(state, batch)
+    with pytest.raises(TypeError, match=r"has_aux=True: loss_fn must return \(loss, dict of metrics\)"):
+        lora_jax.make_train_step(loss_fn, optax.sgd(0.1), mask, has_aux=True)(state, batch)
+    for fn in (lambda: lora_jax.trainable_mask(params, None), lambda: lora_jax.merge(params, None),
+               lambda: lora_jax.quantize(params, {"rank": 2})):
+        with pytest.raises(TypeError, match=r"takes the adapter's LoraConfig, got (NoneType|dict)"):
+            fn()

@@ -40,7 +40,7 @@ def read_seg(path: str | Path, keep_conflict: bool = False) -> list[AspectExampl
     """ABSA-PyTorch's 3-line format: sentence with $T$, aspect, polarity -1/0/1."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of line 1
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "

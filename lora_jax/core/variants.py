@@ -12,7 +12,8 @@ class here plus its tests.
   ``m`` per output; ``y = base(x) + (g - 1) · (dropout(x) ⋅ W) + g · update`` with
   ``g = m / ||W + ΔW||``, the norm taken per output over the contracted axes and treated as a
   constant in the gradient, as the paper and PEFT do. Merged: ``g · (W + ΔW)``, which loses
-  ``||W + ΔW||``: DoRA's merge cannot be undone from the merged weight alone.
+  ``||W + ΔW||``: DoRA's merge cannot be undone from the merged weight alone. An all-zero output
+  column of ``W + ΔW`` (where PEFT computes 0/0 = NaN) is given norm 1, so its output stays 0.
 
 ``lora_magnitude`` has the weight's rank with size 1 on the contracted axes (Dense (in, out) ->
 (1, out); Conv (kh, kw, in, out) -> (1, 1, 1, out)), so it broadcasts against the weight, stacked
@@ -52,6 +53,11 @@ class Variant(Protocol):
         """The extra leaves' initial values, given the frozen weight and scale·A·B at init."""
         ...
 
+    def neutral_leaves(self, weight: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Array]:
+        """The extra leaves' values that, with zero factors, leave the layer exactly its base (an
+        adapter bank's "no adapter" row); ``shapes`` gives each leaf's shape."""
+        ...
+
     def output(self, base_out: Array, update: Array, *, leaves: Mapping[str, Array], weight: Array,
                scaled_delta: Lazy, base_term: Lazy, out_ndim: int) -> Array:
         """The adapted layer's output. ``base_term()`` is dropout(x) through ``weight`` without bias."""
@@ -73,6 +79,9 @@ class PlainLora:
     leaves: tuple[str, ...] = ()
 
     def init_leaves(self, weight: Array, scaled_delta: Array, out_ndim: int) -> dict[str, Array]:
+        return {}
+
+    def neutral_leaves(self, weight: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Array]:
         return {}
 
     def output(self, base_out, update, *, leaves, weight, scaled_delta, base_term, out_ndim):
@@ -119,8 +128,12 @@ class Dora:
         like = magnitude_shape(tuple(weight.shape), out_ndim)
         return {"lora_magnitude": output_norm(weight.astype(jnp.float32) + scaled_delta, like)}
 
+    def neutral_leaves(self, weight, shapes):
+        return {"lora_magnitude": output_norm(weight, tuple(shapes["lora_magnitude"]))}  # m = ||W||: gain 1
+
     def _gain(self, weight, scaled_delta, magnitude):
         norm = output_norm(weight.astype(jnp.float32) + scaled_delta.astype(jnp.float32), magnitude.shape)
+        norm = jnp.where(norm > 0, norm, 1.0)  # an all-zero column: gain m, output m·0 (not 0/0 = NaN)
         return magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
 
     def output(self, base_out, update, *, leaves, weight, scaled_delta, base_term, out_ndim):

@@ -58,6 +58,11 @@ class BertConfig:
     dtype: str = "float32"  # compute dtype of the matmuls (accumulation, LayerNorm, softmax stay float32)
     param_dtype: str = "float32"  # dtype the params are stored in
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position embeddings cover (RoBERTa's positions start after its pad id)."""
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.model_type == "roberta" else 0)
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size", "num_labels"):
@@ -252,6 +257,10 @@ class BertModel(nn.Module):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  deterministic: bool = True):
         c = self.config
+        if position_ids is None and input_ids.shape[-1] > c.max_tokens:
+            raise ValueError(f"input of {input_ids.shape[-1]} tokens: this model's position embeddings cover "
+                             f"{c.max_tokens} (max_position_embeddings); truncate the input (e.g. a tokenizer's "
+                             f"max_length)")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:

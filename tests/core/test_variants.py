@@ -59,3 +59,26 @@ def test_magnitude_layout_and_norm_axes():
                                rtol=1e-6)
     with pytest.raises(ValueError, match=r"shape \(1, 4\) does not fit a weight of shape \(2, 3, 4\)"):
         output_norm(jnp.asarray(w), (1, 4))
+
+
+def test_dora_on_an_all_zero_column_stays_finite_and_zero_there(layer):
+    w, x = layer["w"].copy(), layer["x"]
+    w[:, 1] = 0.0  # a dead output unit: ||W + ΔW|| = 0 there at init
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    m = DORA.init_leaves(f32(w), jnp.zeros((5, 3)), out_ndim=1)
+    out = DORA.output(f32(x @ w), jnp.zeros((4, 3)), leaves=m, weight=f32(w), scaled_delta=lambda: jnp.zeros((5, 3)),
+                      base_term=lambda: f32(x @ w), out_ndim=1)
+    np.testing.assert_allclose(out, x @ w, rtol=1e-5, atol=1e-6)  # the base, column 1 = 0 (not NaN)
+    merged = DORA.merge(f32(w), jnp.zeros((5, 3)), m)
+    np.testing.assert_allclose(merged, w, rtol=1e-6, atol=1e-7)
+    grad = jax.grad(lambda mag: DORA.output(f32(x @ w), jnp.zeros((4, 3)), leaves={"lora_magnitude": mag},
+                                            weight=f32(w), scaled_delta=lambda: jnp.zeros((5, 3)),
+                                            base_term=lambda: f32(x @ w), out_ndim=1).sum())(m["lora_magnitude"])
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_the_neutral_dora_magnitude_is_the_weights_column_norm(layer):
+    w = jnp.asarray(layer["w"], jnp.float32)
+    neutral = DORA.neutral_leaves(w, {"lora_magnitude": (1, 3)})["lora_magnitude"]
+    np.testing.assert_allclose(neutral, np.linalg.norm(layer["w"], axis=0, keepdims=True), rtol=1e-6)
+    assert LORA.neutral_leaves(w, {}) == {}

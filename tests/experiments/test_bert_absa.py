@@ -140,3 +140,67 @@ def test_balanced_class_weights_give_every_class_the_same_total_weight():
     np.testing.assert_allclose(totals, [8 / 3] * 3, rtol=1e-6)  # each class sums to n / K
     np.testing.assert_array_equal(class_weights(labels, "none"), [1, 1, 1])
     assert np.isfinite(class_weights(np.array([0, 0, 2]), "balanced")).all()  # an absent class gets a finite weight
+
+
+def _tiny_adapter(folder, tiny_bert_dir, metadata=None, scale_b=0.0):
+    """An adapter for the tiny BERT saved as train saves one (its lora_B set to ``scale_b``)."""
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax
+    from experiments.bert_absa import LABELS
+    from lora_jax.models import from_pretrained
+
+    model, base, _ = from_pretrained(str(tiny_bert_dir), num_labels=len(LABELS), with_tokenizer=False)
+    config = lora_jax.LoraConfig(rank=2, targets=("query", "value"), modules_to_save=("classifier",))
+    params = lora_jax.init_lora_params(lora_jax.lora(model, config), base, jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.full_like(v, scale_b) if "lora_B" in str(path[-1]) else v, params)
+    meta = {"task": "aspect_sentiment", "labels": list(LABELS), "max_len": 32, "quantize": "none", **(metadata or {})}
+    return lora_jax.save_adapter(folder, params, config, base_model=str(tiny_bert_dir), metadata=meta)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"labels": ["negative", "positive"]}, r"metadata 'labels' must list 3 distinct names"),
+    ({"labels": "negative,neutral,positive"}, r"metadata 'labels' must list 3"),
+    ({"max_len": 0}, r"metadata 'max_len' must be an integer of at least 8"),
+    ({"max_len": 100000}, r"metadata 'max_len' 100000 exceeds the 64 tokens"),
+    ({"quantize": "fp4"}, r"metadata 'quantize' must be 'none', 'int8' or 'nf4', got 'fp4'"),
+])
+def test_predict_names_forged_adapter_metadata(tmp_path, tiny_bert_dir, metadata, message):
+    from experiments import bert_absa
+
+    adapter = _tiny_adapter(tmp_path / "adapter", tiny_bert_dir, metadata)
+    with pytest.raises(ValueError, match=message):
+        bert_absa.main(["predict", "--adapter", str(adapter), "The battery is great .", "--aspect", "battery"])
+
+
+def test_predict_refuses_nan_outputs_and_a_folder_as_output_before_inference(tmp_path, tiny_bert_dir, monkeypatch):
+    from experiments import bert_absa
+
+    good = _tiny_adapter(tmp_path / "good", tiny_bert_dir)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(bert_absa.lora_jax, "load_adapter", lambda *a, **k: pytest.fail("read the adapter first"))
+    with pytest.raises(ValueError, match=r"--output .*out is a folder; give a file"):
+        bert_absa.main(["predict", "--adapter", str(good), "Great .", "--aspect", "Great", "--output",
+                        str(tmp_path / "out")])
+    monkeypatch.undo()
+    assert list((tmp_path / "out").iterdir()) == []
+    overflowing = _tiny_adapter(tmp_path / "huge", tiny_bert_dir, scale_b=3e38)  # finite weights, inf outputs
+    with pytest.raises(ValueError, match=r"outputs NaN or inf for rows \['--aspect 1'\].*nothing was written"):
+        bert_absa.main(["predict", "--adapter", str(overflowing), "The battery is great .", "--aspect", "battery",
+                        "--output", str(tmp_path / "p.jsonl")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "huge", "out"]
+
+
+def test_seg_files_with_a_byte_order_mark_and_splits_left_empty_by_limit(tmp_path):
+    from experiments import bert_absa
+    from experiments.data.semeval import read_seg
+
+    seg = tmp_path / "rows.seg"
+    seg.write_bytes("\ufeffthe $T$ is great .\nbattery\n1\n".encode("utf-8"))
+    assert read_seg(seg)[0].sentence == "the battery is great ."
+    _write_tiny_semeval(tmp_path)
+    with pytest.raises(ValueError, match=r"the dev split would be empty \(8 training examples, 10% held out"):
+        bert_absa.main(["train", "--data-dir", str(tmp_path), "--limit", "8", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

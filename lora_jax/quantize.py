@@ -25,6 +25,7 @@ own format and reports the error that adds. PEFT export is unchanged (adapters o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -35,7 +36,9 @@ import numpy as np
 from flax import nnx, struct, traverse_util
 from flax.core import meta
 from flax.nnx import variablelib
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from .boxes import replicated_like
 from .config import LoraConfig, require_config
 from .core.dequantized_call import dequantized_call
 from .safetensors_io import release_freed_memory
@@ -86,6 +89,20 @@ class QuantizedKernel(struct.PyTreeNode, meta.AxisMetadata):
         """``fn(x, kernel, bias)`` with the kernel dequantized at the point of use, in the forward and
         the backward pass (``core.dequantized_call``): nothing kernel-sized is kept between them."""
         return dequantized_call(fn, self.weight, self.dequantizer(), x, bias)
+
+    stays_boxed = True  # lora_jax.boxes: training keeps the codes, not the float kernel
+
+    def leaf_shardings(self, sharding: Sharding) -> "QuantizedKernel":
+        """Shardings for the codes and scales, from the kernel's own: int8 codes (the kernel's shape)
+        take it as it is and the per-output scales its output axes; NF4's flat packed codes and block
+        scales have no kernel axes and are replicated (at 4 bits, 1/8 of the float32 kernel)."""
+        if self.format == "int8" and isinstance(sharding, NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (len(self.shape) - len(sharding.spec))
+            scale_spec = PartitionSpec(*(None if d == 1 else s for d, s in zip(self.weight.scale.shape, spec)))
+            return self.replace(weight=dataclasses.replace(self.weight, data=sharding,
+                                                           scale=NamedSharding(sharding.mesh, scale_spec)))
+        replicated = replicated_like(sharding)
+        return jax.tree.map(lambda _: replicated, self)
 
     def replace_boxed(self, val: Any) -> Any:
         return val  # a new value (a merged kernel) is a plain array
@@ -165,7 +182,7 @@ def _selector(config: LoraConfig, layers: str) -> Callable[[tuple[str, ...]], bo
     def selected(module: tuple[str, ...]) -> bool:
         where = path_str(module)
         if layers == "targets":
-            return any_matches(config.targets, where) and not any_matches(config.exclude, where)
+            return config.selects(where)
         return not _under(config.modules_to_save, module)
 
     return selected
@@ -358,14 +375,6 @@ def _quantize_nnx(model: nnx.Module, quantizer: KernelQuantizer, layers: str, co
 def is_quantized(leaf: Any) -> bool:
     """Whether ``leaf`` is a quantized kernel box."""
     return isinstance(leaf, QuantizedKernel)
-
-
-def unbox_but_quantized(tree: Any) -> Any:
-    """Unbox sharding boxes (``nn.Partitioned``), keep quantized kernels boxed (they stay small)."""
-    def unbox(x: Any) -> Any:
-        return x.unbox() if isinstance(x, meta.AxisMetadata) and not isinstance(x, QuantizedKernel) else x
-
-    return jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
 
 
 def requantize_like(box: QuantizedKernel, value: jax.Array) -> QuantizedKernel:

@@ -17,7 +17,7 @@ step (the step counter still advances).
 
 from __future__ import annotations
 
-import dataclasses
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct, traverse_util
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
+from jax.sharding import NamedSharding, Sharding
 
 from .finite import all_finite
 from .masking import combine, partition
 from .nnx_trees import as_param_tree
-from .quantize import QuantizedKernel, unbox_but_quantized
+from .boxes import replicated_like, stays_boxed, unbox_but_stored
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -51,6 +51,18 @@ def check_mask(params: Params | None, mask: Params) -> None:
                          "excluded?")
     if params is not None:
         partition(params, mask)  # names leaves present in only one of the two trees
+
+
+def check_state_mask(state: "TrainState", mask: Params, whose: str) -> None:
+    """ValueError unless ``state``'s trainable leaves are exactly those ``mask`` marks trainable."""
+    keys = frozenset(traverse_util.flatten_dict(dict(state.trainable)))
+    wanted = frozenset(k for k, v in traverse_util.flatten_dict(dict(mask)).items() if v)
+    if keys != wanted:
+        only_state = sorted(path_str(k) for k in keys - wanted)[:5]
+        only_mask = sorted(path_str(k) for k in wanted - keys)[:5]
+        raise ValueError(f"{whose} mask differs from the one the TrainState was created with: trainable only in "
+                         f"the state {only_state}, only in the mask {only_mask}; build both from the same "
+                         f"lora_jax.trainable_mask(...)")
 
 
 @struct.dataclass
@@ -97,7 +109,7 @@ class TrainState:
         """
         _check_optimizer(optimizer, "TrainState.create")
         _check_rng(rng)
-        params = unbox_but_quantized(as_param_tree(params))  # quantized kernels stay small
+        params = unbox_but_stored(as_param_tree(params))  # quantized kernels stay small
         check_mask(params, mask)
         trainable, frozen = partition(params, mask)
         trainable = jax.tree.map(jnp.copy, trainable)
@@ -107,7 +119,7 @@ class TrainState:
         per_leaf = _per_leaf_shardings(params, shardings)
         train_sh, frozen_sh = partition(per_leaf, mask)
         trainable, frozen = jax.device_put(trainable, train_sh), jax.device_put(frozen, frozen_sh)
-        replicated = _replicated_like(jax.tree.leaves(per_leaf)[0])
+        replicated = replicated_like(jax.tree.leaves(per_leaf)[0])
         opt_sh = _optimizer_shardings(optimizer, trainable, train_sh, replicated)
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
         return cls(step=jax.device_put(step, replicated), trainable=trainable, frozen=frozen, opt_state=opt_state,
@@ -134,7 +146,7 @@ def _per_leaf_shardings(params: Params, shardings: Params | Sharding) -> dict:
     """A tree like ``params`` of shardings (a quantized kernel's codes and scales each get their own:
     ``_quantized_shardings``); every sharding on one set of devices."""
     if isinstance(shardings, Sharding):
-        shardings = jax.tree.map(lambda _: shardings, dict(params), is_leaf=lambda x: isinstance(x, QuantizedKernel))
+        shardings = jax.tree.map(lambda _: shardings, dict(params), is_leaf=stays_boxed)
     if not isinstance(shardings, Mapping):
         raise TypeError(f"shardings must be one jax.sharding.Sharding or a tree like the params of them, got "
                         f"{shardings!r} ({type(shardings).__name__}); e.g. NamedSharding(mesh, PartitionSpec('model'))")
@@ -151,29 +163,8 @@ def _per_leaf_shardings(params: Params, shardings: Params | Sharding) -> dict:
     if len(device_sets) > 1:
         raise ValueError(f"shardings span {len(device_sets)} different sets of devices (two meshes?): every leaf of "
                          f"one TrainState must live on the same mesh")
-    return traverse_util.unflatten_dict({k: _quantized_shardings(v, flat_sh[k]) if isinstance(v, QuantizedKernel)
-                                         else flat_sh[k] for k, v in flat.items()})
-
-
-def _quantized_shardings(box: QuantizedKernel, sharding: Sharding) -> QuantizedKernel:
-    """Shardings for a quantized kernel's leaves, from the kernel's own: int8 codes (the kernel's
-    shape) take it as it is and the per-output scales its output axes; NF4's flat packed codes and
-    block scales have no kernel axes and are replicated (at 4 bits, 1/8 of the float32 kernel)."""
-    replicated = _replicated_like(sharding)
-    if box.format == "int8" and isinstance(sharding, NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (len(box.shape) - len(sharding.spec))
-        scale_spec = PartitionSpec(*(None if d == 1 else s for d, s in zip(box.weight.scale.shape, spec)))
-        weight = dataclasses.replace(box.weight, data=sharding, scale=NamedSharding(sharding.mesh, scale_spec))
-        return box.replace(weight=weight)
-    return jax.tree.map(lambda _: replicated, box)
-
-
-def _replicated_like(sharding: Sharding) -> Sharding:
-    """The fully replicated sharding over the devices of ``sharding``."""
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, PartitionSpec())
-    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
-    return NamedSharding(jax.sharding.Mesh(devices, ("devices",)), PartitionSpec())
+    return traverse_util.unflatten_dict({k: v.leaf_shardings(flat_sh[k]) if stays_boxed(v) else flat_sh[k]
+                                         for k, v in flat.items()})  # a quantized kernel places its codes
 
 
 def _optimizer_shardings(optimizer, trainable: dict, train_sh: dict, replicated: Sharding):
@@ -209,14 +200,13 @@ class TrainStep:
         if not callable(loss_fn):
             raise TypeError(f"make_train_step takes loss_fn(params, batch, rng) -> loss, got {type(loss_fn).__name__}")
         self.mask = mask
-        flat_mask = traverse_util.flatten_dict(dict(mask))
-        self._trainable_keys = frozenset(k for k, v in flat_mask.items() if v)
         self._donate = (0,) if donate else ()
         self._jitted = jax.jit(self._step, donate_argnums=self._donate)
         self._on_mesh: dict[Any, Any] = {}  # the step jitted with fixed output shardings, per state layout
         self._batch_sharding = batch_sharding
         self._loss_fn, self._optimizer, self._has_aux = loss_fn, optimizer, has_aux
         self._skip_nonfinite = skip_nonfinite
+        self._warned_placement = False
 
     def _step(self, dynamic, frozen, batch):
         step, trainable, opt_state, rng = dynamic
@@ -245,13 +235,7 @@ class TrainStep:
         return (step + 1, new_trainable, new_opt_state, rng), metrics
 
     def _check_state(self, state: TrainState) -> None:
-        keys = frozenset(traverse_util.flatten_dict(dict(state.trainable)))
-        if keys != self._trainable_keys:
-            only_state = sorted(path_str(k) for k in keys - self._trainable_keys)[:5]
-            only_step = sorted(path_str(k) for k in self._trainable_keys - keys)[:5]
-            raise ValueError(f"the train step's mask differs from the one the TrainState was created with: "
-                             f"trainable only in the state {only_state}, only in the step's mask {only_step}; "
-                             f"build both from the same lora_jax.trainable_mask(...)")
+        check_state_mask(state, self.mask, "the train step's")
 
     def _for_state(self, dynamic: Any):
         """The jitted step for this state's placement: on more than one device, outputs are pinned to
@@ -265,11 +249,26 @@ class TrainStep:
             self._on_mesh[key] = jax.jit(self._step, donate_argnums=self._donate, out_shardings=(out, None))
         return self._on_mesh[key]
 
+    def _warn_unplaced_state(self, dynamic: Any, batch: Any) -> None:
+        """Warn once when the batch spans several devices but the state sits on one: XLA then places
+        the returned state itself, and the second step compiles again for that placement."""
+        if self._warned_placement:
+            return
+        spans = lambda tree: max((len(x.sharding.device_set) for x in jax.tree.leaves(tree)
+                                  if isinstance(x, jax.Array)), default=1)
+        if spans(batch) > 1 and spans(dynamic) == 1:
+            self._warned_placement = True
+            warnings.warn(f"the batch spans {spans(batch)} devices but the TrainState sits on one: the step will "
+                          f"compile again on its second call, for the placement XLA picks. Create the state with "
+                          f"TrainState.create(..., shardings=...) (e.g. one replicated NamedSharding) to compile "
+                          f"once", stacklevel=3)
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         self._check_state(state)
         dynamic = (state.step, state.trainable, state.opt_state, state.rng)
         if self._batch_sharding is not None:
             batch = jax.device_put(batch, self._batch_sharding)
+        self._warn_unplaced_state(dynamic, batch)
         (step, trainable, opt_state, rng), metrics = self._for_state(dynamic)(dynamic, state.frozen, batch)
         return state.replace(step=step, trainable=trainable, opt_state=opt_state, rng=rng), metrics
 

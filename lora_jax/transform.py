@@ -20,7 +20,7 @@ from .config import LoraConfig
 from .layers import (ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind, quantized_base_output,
                      quantized_kernel)
 from .target_report import TargetReport, check_targets
-from .targets import any_matches, matches, path_str
+from .targets import matches, path_str
 
 
 class LoraModule(nn.Module):
@@ -75,7 +75,7 @@ class LoraModule(nn.Module):
             box = quantized_kernel(module, kind)
             base = next_fun if box is None else \
                 (lambda *a, **k: quantized_base_output(module, kind, box, a, k, context.method_name))
-            if not selected or any_matches(config.exclude, path):
+            if not config.selects(path):
                 return base(*args, **kwargs)
             record.targeted.add(path)
             out = base(*args, **kwargs)

@@ -148,3 +148,16 @@ def stacked_nnx_linears(features: int, layers: int = 3):
             return run(x, self.layers)
 
     return Stacked()
+
+
+def mlp_lora_params(width=16, rank=2):
+    """(model, config, LoRA params with random factors, x) of a LoRA MLP 10 -> width -> 8 -> 3 with
+    r on fc1 and fc2 and a trained head fc3: the adapter and resume tests' model."""
+    import lora_jax
+    from experiments.mlp import MLP
+
+    config = lora_jax.LoraConfig(rank=rank, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",))
+    model = lora_jax.lora(MLP((width, 8, 3)), config)
+    x = jax.random.normal(jax.random.key(0), (64, 10))
+    params = randomize_lora(model.init(jax.random.key(1), x)["params"])
+    return model, config, params, x

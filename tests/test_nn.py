@@ -35,3 +35,9 @@ def test_linen_dropout_replays_under_remat_and_differs_per_scanned_layer():
     assert kept.shape == (3, 4, 16)
     assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[1], kept[2])  # one mask per layer
     np.testing.assert_array_equal(lora_jax.nn.Dropout(0.5).apply({}, x, deterministic=True), x)
+
+
+def test_a_star_import_does_not_shadow_flax_linen():
+    namespace = {"nn": nn}
+    exec("from lora_jax import *", namespace)
+    assert namespace["nn"] is nn and callable(namespace["lora"])

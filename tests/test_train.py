@@ -267,6 +267,15 @@ for fmt in ("int8", "nf4"):  # QLoRA on the mesh: the quantized kernels' leaves 
         plain_losses.append(float(plain_metrics["loss"]))
     np.testing.assert_allclose(sharded_losses, plain_losses, rtol=1e-5)
 
+import warnings
+unplaced = lora_jax.TrainState.create(params, mask, tx, jax.random.key(1))  # no shardings, a sharded batch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    step_b = lora_jax.make_train_step(loss_fn, tx, mask, batch_sharding=NamedSharding(mesh, P("data")))
+    for _ in range(2):
+        unplaced, _ = step_b(unplaced, batch)
+assert [str(w.message).count("TrainState.create(..., shardings=...)") for w in caught] == [1], caught
+
 other = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("model",))
 for bad, message in (("model", "shardings must be one jax.sharding.Sharding"),
                      ({**shardings, "fc2": jax.tree.map(lambda s: NamedSharding(other, P()), shardings["fc2"])},

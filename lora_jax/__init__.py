@@ -11,26 +11,27 @@
     lora(nnx_model, config, rngs=nnx.Rngs(0))        # flax.nnx: in place, LoRA params are nnx.LoRAParam
 """
 
-from .adapters import (Adapter, add_weighted_adapter, apply_adapter, check_adapter_fits, check_targets_cover,
-                       extract_adapter, hotswap_adapter)
-from .bank import bank_apply, make_bank
-from .adapter_folders import load_adapter, save_adapter
-from .resume import CheckpointSaveError, TrainCheckpointer
-from .fingerprint import BaseMismatchError, base_fingerprint
-from . import nn, nnx_transform  # as attributes (lora_jax.nn.Dropout); not in __all__, where `nn` would shadow flax's
+from . import nn  # lora_jax.nn.Dropout; not in __all__, where `nn` would shadow flax.linen
+from .adapter_folders import load_adapter
+from .adapters import Adapter, add_weighted_adapter, check_adapter_fits, check_targets_cover
+from .api import (apply_adapter, bank_apply, count_parameters, export_peft, extract_adapter, hotswap_adapter, lora,
+                  make_bank, merge, merge_requantized, print_trainable_parameters, quantize, save_adapter,
+                  trainable_mask, trainable_summary)
 from .config import LoraConfig
 from .core.dropout import dropout
-from .masking import combine, lora_leaves, partition, trainable_mask
-from .merge import merge, unmerge
-from .nnx_trees import load_nnx_params, nnx_params
-from .nnx_transform import nnx_functional, nnx_trainable
+from .fingerprint import BaseMismatchError, base_fingerprint
+from .masking import combine, lora_leaves, partition
+from .merge import unmerge
+from .nnx.transform import nnx_functional, nnx_trainable
+from .nnx.trees import load_nnx_params, nnx_params
+from .nnx.variables import QuantizedParam
 from .optim import lora_plus, lora_plus_labels
-from .quantize import KernelQuantizer, QuantizedKernel, QuantizedParam, merge_requantized, quantize
+from .peft_io import import_peft
+from .quantize import KernelQuantizer, QuantizedKernel
+from .resume import CheckpointSaveError, TrainCheckpointer
 from .safetensors_io import read_params, save_params
-from .peft_io import export_peft, import_peft
-from .summary import count_parameters, print_trainable_parameters, trainable_summary
 from .train import TrainState, TrainStep, dropout_rngs, make_eval_step, make_train_step
-from .transform import LoraModule, init_lora_params, lora
+from .linen.transform import LoraModule, init_lora_params
 
 from .version import __version__
 

@@ -27,7 +27,6 @@ from .finite import nonfinite_leaves
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .folder_swap import folder_path, locked, recover_folder, replace_folder
 from .masking import partition, trainable_mask
-from .nnx_trees import as_param_tree
 from .orbax_io import quiet_orbax, short_error
 from .targets import path_str
 from .version import __version__
@@ -134,7 +133,6 @@ def save_adapter(path: str | Path, params: Params, config: LoraConfig, *, base_m
         save_adapter("adapters/laptops", state.params, config, base_model="packaged:minilm")
     """
     path = folder_path(path, "the adapter")
-    params = as_param_tree(params)  # an NNX model: its params as a nested dict
     mask = trainable_mask(params, config)
     trainable, _ = partition(params, mask)
     check_targets_cover(trainable, config, source="the params to save")

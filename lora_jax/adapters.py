@@ -24,7 +24,6 @@ from .fingerprint import check_base_fingerprint
 from .core.variants import ADAPTER_LEAVES
 from .masking import partition, trainable_mask
 from .merge import base_leaf_key
-from .nnx_trees import as_param_tree
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -51,7 +50,6 @@ def extract_adapter(params: Params, config: LoraConfig, metadata: dict | None = 
     >>> sorted(apply_adapter({"fc": {"kernel": np.ones((4, 3))}}, adapter)["fc"])
     ['kernel', 'lora_A', 'lora_B']
     """
-    params = as_param_tree(params)
     trainable, _ = partition(params, trainable_mask(params, config))
     return Adapter(trainable, config, dict(metadata or {}))
 
@@ -115,15 +113,6 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
 
         params = apply_adapter(base_params, load_adapter("adapters/laptops"))
     """
-    from flax import nnx
-
-    if isinstance(base_params, nnx.Module):  # an NNX model with LoRA: the adapter is written into it in place
-        from .nnx_trees import load_nnx_params, nnx_params
-
-        apply_adapter(nnx_params(base_params), adapter, strict=strict)  # the same checks: fit, base fingerprint
-        if isinstance(adapter, Adapter):
-            _adopt_nnx_scales(base_params, adapter)
-        return load_nnx_params(base_params, adapter.params if isinstance(adapter, Adapter) else adapter)
     if isinstance(adapter, Adapter):
         adapter_params = adapter.params
     elif isinstance(adapter, Mapping):
@@ -139,29 +128,6 @@ def apply_adapter(base_params: Params, adapter: Adapter | Params, *, strict: boo
     flat = traverse_util.flatten_dict(dict(base_params))
     flat.update(traverse_util.flatten_dict(dict(adapter_params)))
     return traverse_util.unflatten_dict(flat)
-
-
-def _adopt_nnx_scales(model: Any, adapter: Adapter) -> None:
-    """Give each adapted NNX layer the adapter loads into the adapter's own scale (alpha, rsLoRA, its
-    rank there), as linen's apply under the adapter's config computes; a variant that differs (DoRA
-    or not) is refused before anything is written."""
-    from flax import nnx
-
-    from .nnx_transform import is_adapted
-
-    flat = traverse_util.flatten_dict(dict(adapter.params))
-    layers = []
-    for path, module in nnx.iter_modules(model):
-        key = tuple(str(p) for p in path)
-        if not is_adapted(module) or key + ("lora_A",) not in flat:
-            continue
-        if module.lora_config.variant is not adapter.config.variant:
-            raise ValueError(f"layer '{path_str(key)}' of the model is {module.lora_config.variant.label} and the "
-                             f"adapter is {adapter.config.variant.label}: build the model with the adapter's config")
-        layers.append((module, int(np.shape(flat[key + ("lora_A",)])[-1])))
-    for module, rank in layers:
-        module.lora_config = module.lora_config.replace(rank=rank, alpha=adapter.config.alpha,
-                                                        rslora=adapter.config.rslora)
 
 
 def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], combination_type: str = "linear",
@@ -356,22 +322,11 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig, *, str
     >>> swapped["fc"]["lora_A"].shape, swapped["fc"]["lora_B"][:, 0].tolist()
     ((3, 4), [2.0, 0.0, 0.0, 0.0])
     """
-    from flax import nnx
-
     if not isinstance(adapter, Adapter):
         raise TypeError(f"hotswap_adapter takes an Adapter (from load_adapter / import_peft / extract_adapter), got "
                         f"{type(adapter).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"hotswap_adapter takes the running model's LoraConfig, got {type(config).__name__}")
-    if isinstance(params, nnx.Module):  # write the swapped leaves into the model
-        from .nnx_trees import load_nnx_params, nnx_params
-
-        tree = nnx_params(params)
-        swapped = traverse_util.flatten_dict(hotswap_adapter(tree, adapter, config, strict=strict))
-        flat_tree = traverse_util.flatten_dict(tree)
-        changed = {k: v for k, v in swapped.items() if k[-1] in ("lora_A", "lora_B") or k in
-                   traverse_util.flatten_dict(dict(adapter.params))}
-        return load_nnx_params(params, traverse_util.unflatten_dict({k: changed[k] for k in changed if k in flat_tree}))
     if not isinstance(params, Mapping):
         raise TypeError(f"hotswap_adapter takes the running model's params (a nested dict) or an NNX model, got "
                         f"{type(params).__name__}")

@@ -48,12 +48,6 @@ def make_bank(params: Params, adapters: Sequence[Adapter], config: LoraConfig, *
     Returns:
       A nested dict of the trainable leaves, each of shape ``(len(adapters) + 1,) + leaf.shape``.
     """
-    from flax import nnx
-
-    from .nnx_trees import nnx_params
-
-    if isinstance(params, nnx.Module):
-        params = nnx_params(params)
     if isinstance(adapters, Adapter) or not adapters:
         raise ValueError("make_bank needs a non-empty list of adapters")
     flat_params = traverse_util.flatten_dict(dict(params))
@@ -101,15 +95,12 @@ def bank_apply(model: Any, params: Params, bank: Params, index: jax.Array, *args
     Returns:
       The model's output for the batch, row by row as if each row ran with its own adapter.
     """
-    from flax import nnx
+    return bank_apply_fn(lambda p, *a, **k: model.apply({"params": p}, *a, **k), params, bank, index, *args, **kwargs)
 
-    if isinstance(model, nnx.Module):  # an NNX model: run as a pure function of its param tree
-        from .nnx_transform import nnx_functional
 
-        apply_fn, own = nnx_functional(model)
-        params = own if params is None else params
-    else:
-        apply_fn = lambda p, *a, **k: model.apply({"params": p}, *a, **k)
+def bank_apply_fn(apply_fn: Any, params: Params, bank: Params, index: jax.Array, *args: Any, **kwargs: Any) -> Any:
+    """``bank_apply`` for a model given as ``apply_fn(params, *inputs, **kwargs)`` (a front end's pure
+    form of its model: linen's ``model.apply``, NNX's ``nnx_functional``)."""
     n_rows = jax.tree.leaves(bank)[0].shape[0]
     _check_index(index, n_rows - 1)
     index = jnp.asarray(index)

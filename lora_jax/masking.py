@@ -13,7 +13,6 @@ from flax import traverse_util
 
 from .config import LoraConfig, require_config
 from .core.variants import ADAPTER_LEAVES
-from .nnx_trees import as_param_tree
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
@@ -53,7 +52,7 @@ def trainable_mask(params: Params, config: LoraConfig) -> dict:
     {'fc': {'kernel': False, 'bias': False, 'lora_A': True, 'lora_B': True}, 'head': {'kernel': True}}
     """
     require_config(config, "trainable_mask")
-    flat = _flat(as_param_tree(params))
+    flat = _flat(params)
     if not any(k[-1] in ADAPTER_LEAVES for k in flat):
         raise ValueError(NO_ADAPTER_MESSAGE)
     leaves_by_module: dict[tuple[str, ...], set[str]] = {}

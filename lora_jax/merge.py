@@ -13,14 +13,14 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
 
+from .boxes import stays_boxed
 from .config import LoraConfig, require_config
-from .core.kinds import delta
+from .core.kinds import BASE_LEAVES, delta
 from .core.variants import ADAPTER_LEAVES, foreign_leaves
 from .masking import NO_ADAPTER_MESSAGE
 from .targets import path_str
 
 Params = Mapping[str, Any]
-_BASE_LEAVES = ("kernel", "embedding")
 
 
 def _modules_with_lora(flat: dict) -> list[tuple[str, ...]]:
@@ -29,7 +29,7 @@ def _modules_with_lora(flat: dict) -> list[tuple[str, ...]]:
 
 def base_leaf_key(flat: dict, module: tuple[str, ...]) -> tuple[str, ...]:
     """The key of the weight a LoRA pair adapts at ``module`` (its kernel, or an Embed's embedding)."""
-    for name in _BASE_LEAVES:
+    for name in BASE_LEAVES:
         if module + (name,) in flat:
             return module + (name,)
     raise ValueError(f"LoRA leaves at '{path_str(module)}' have no kernel or embedding to adapt there")
@@ -69,13 +69,7 @@ def merge(params: Params, config: LoraConfig) -> dict:
     >>> merge(params, LoraConfig(rank=1, alpha=2.0, targets=("fc",)))["fc"]["kernel"].tolist()
     [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
     """
-    from flax import nnx
-
     require_config(config, "merge")
-    if isinstance(params, nnx.Module):  # an NNX model: a merged copy of the original classes
-        from .nnx_transform import merge_nnx
-
-        return merge_nnx(params, config)
     flat = traverse_util.flatten_dict(dict(params))
     modules = _modules_with_lora(flat)
     if not modules:
@@ -109,8 +103,6 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
     >>> float(abs(restored["fc"]["kernel"]).max()), sorted(restored["fc"])
     (0.0, ['kernel', 'lora_A', 'lora_B'])
     """
-    from .quantize import is_quantized
-
     require_config(config, "unmerge")
     flat = traverse_util.flatten_dict(dict(params))
     flat_adapter = {k: v for k, v in traverse_util.flatten_dict(dict(adapter)).items() if k[-1] in ADAPTER_LEAVES}
@@ -121,7 +113,7 @@ def unmerge(params: Params, adapter: Params, config: LoraConfig) -> dict:
         if module + ("lora_A",) in flat:
             raise ValueError(f"module '{path_str(module)}' already holds LoRA leaves: these params are not merged")
         key = base_leaf_key(flat, module)
-        if is_quantized(flat[key]):  # merge_requantized's output: the codes are new
+        if stays_boxed(flat[key]):  # a stored (quantized) kernel: merge_requantized's output, its codes are new
             raise ValueError(f"unmerge: the kernel at '{path_str(module)}' is quantized (merge_requantized): the "
                              f"merged kernel was rounded again, so subtracting the update would not give the base "
                              f"back. Keep the unmerged params (merge is pure) or reload the quantized base")

@@ -23,9 +23,9 @@ from flax import traverse_util
 
 from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_adapter
 from .config import LoraConfig
+from .core.kinds import BASE_LEAVES
 from .finite import nonfinite_leaves
 from .folder_swap import folder_path, locked, recover_folder, replace_folder
-from .nnx_trees import as_param_tree
 from .safetensors_io import read_safetensors
 from .targets import REGEX_PREFIX, matches
 
@@ -269,7 +269,6 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
         raise ValueError(f"export_peft supports bias='none' only, got bias={config.bias!r}")
     usage = _Usage(_check_name_map(name_map), _check_flatten_order(flatten_order))
     folder = folder_path(directory, "the PEFT adapter")
-    params = as_param_tree(params)  # an NNX model: its params as a nested dict
     flat = traverse_util.flatten_dict(dict(params))  # base leaves: only their shapes are read
     adapter = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(extract_adapter(params, config).params).items()}
     bad = nonfinite_leaves(traverse_util.unflatten_dict(adapter))
@@ -365,7 +364,7 @@ def _read_peft_config(directory: Path) -> dict:
         raise ValueError(f"{directory} holds a PEFT {data.get('peft_type')} adapter; only LORA is supported")
     enabled = [flag for flag in _UNSUPPORTED_FLAGS if data.get(flag)]
     if enabled:
-        raise ValueError(f"{directory}: PEFT option(s) {enabled} (e.g. DoRA) are not supported by lora_jax")
+        raise ValueError(f"{directory}: PEFT option(s) {enabled} are not supported by lora_jax (DoRA is: use_dora)")
     for option in ("alpha_pattern", "layers_to_transform", "layer_replication", "target_parameters"):
         if data.get(option):
             raise ValueError(f"{directory}: PEFT option {option}={data[option]!r} is not supported by lora_jax")
@@ -540,7 +539,7 @@ def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, usage: _Usag
     model: per-layer modules of a stack are stacked again, Linear factors take the layer's layout."""
     names: dict[str, tuple[tuple[str, ...], int | None, str | None]] = {}
     for key, weight in flat_base.items():
-        if key[-1] not in ("kernel", "embedding"):
+        if key[-1] not in BASE_LEAVES:
             continue
         module = key[:-1]
         a = flat_base.get(module + ("lora_A",))

@@ -33,13 +33,13 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct, traverse_util
+from flax import struct, traverse_util
 from flax.core import meta
-from flax.nnx import variablelib
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .boxes import replicated_like
 from .config import LoraConfig, require_config
+from .merge import merge
 from .core.dequantized_call import dequantized_call
 from .safetensors_io import release_freed_memory
 from .core.quant import (Int8Weight, Nf4Weight, dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4,
@@ -114,19 +114,6 @@ class QuantizedKernel(struct.PyTreeNode, meta.AxisMetadata):
         return self
 
 
-class QuantizedParam(nnx.Variable):
-    """An NNX kernel stored as a ``QuantizedKernel``: reading it (``variable[...]``) dequantizes, so
-    the layer's own ``__call__`` runs unchanged. It is a frozen variable, not an ``nnx.Param``: an
-    optimizer or ``nnx.grad`` over ``nnx.Param`` (full fine-tuning) leaves it alone."""
-
-    def get_value(self, *, index: Any = variablelib.MISSING) -> Any:
-        box = self.get_raw_value()
-        if not isinstance(box, QuantizedKernel) or not all(isinstance(x, jax.Array) for x in jax.tree.leaves(box)):
-            return box  # abstract or printed state: the box as it is
-        value = box.unbox()
-        return value if isinstance(index, variablelib.Missing) else value[index]
-
-
 def dequantize(weight: Int8Weight | Nf4Weight, dtype: Any = jnp.float32) -> jax.Array:
     """An int8 or NF4 weight (one layer, or a stack of them) back as an array of ``dtype``."""
     if isinstance(weight, Nf4Weight):
@@ -171,7 +158,7 @@ def _check(value: jax.Array, weight: Int8Weight | Nf4Weight) -> tuple[jax.Array,
             jnp.sqrt(jnp.sum(jnp.where(ordinary, diff * diff, 0.0)) / jnp.maximum(ordinary_square, 1e-30)))
 
 
-def _quantize_array(value: Any, format: Format, block: int, n_stacked: int,
+def quantize_array(value: Any, format: Format, block: int, n_stacked: int,
                     compute_dtype: str | None = None, errors: bool = True) -> tuple[QuantizedKernel, tuple]:
     """The kernel as a ``QuantizedKernel`` box, and ``_check``'s figures for it."""
     weight, figures = _quantized_and_checked(value, format, block, n_stacked, errors)
@@ -193,7 +180,7 @@ def _under(patterns: Sequence[str], module: tuple[str, ...]) -> bool:
     return any(any_matches(patterns, path_str(module[:i])) for i in range(1, len(module) + 1))
 
 
-def quantize(params: Params | nnx.Module, config: LoraConfig, format: Format = "nf4",
+def quantize(params: Params, config: LoraConfig, format: Format = "nf4",
              layers: Literal["targets", "all"] = "targets", *, block: int = 64, stacked: Sequence[str] = (),
              errors: dict | None = None) -> Any:
     """``params`` with frozen kernels quantized (``format`` 'int8': per-output-channel absmax;
@@ -224,18 +211,13 @@ def quantize(params: Params | nnx.Module, config: LoraConfig, format: Format = "
     """
     require_config(config, "quantize")
     quantizer = KernelQuantizer(config, format, layers, block=block, stacked=stacked, measure=True)
-    if isinstance(params, nnx.Module):
-        if stacked:
-            raise ValueError("stacked= is for linen param trees; an NNX layer's stack is read from its own shape")
-        _quantize_nnx(params, quantizer, layers, config)
-    else:
-        flat = traverse_util.flatten_dict(dict(params))
-        for key, value in flat.items():
-            if quantizer.wants(key, np.shape(value)) and not isinstance(value, meta.AxisMetadata):
-                _check_layer(key[:-1], value, flat, quantizer)
-        out = {key: quantizer(key, value) for key, value in flat.items()}
-        _check_chosen(quantizer.chosen, layers, config, any(isinstance(v, QuantizedKernel) for v in flat.values()))
-        params = traverse_util.unflatten_dict(out)
+    flat = traverse_util.flatten_dict(dict(params))
+    for key, value in flat.items():
+        if quantizer.wants(key, np.shape(value)) and not isinstance(value, meta.AxisMetadata):
+            _check_layer(key[:-1], value, flat, quantizer)
+    out = {key: quantizer(key, value) for key, value in flat.items()}
+    check_chosen(quantizer.chosen, layers, config, any(isinstance(v, QuantizedKernel) for v in flat.values()))
+    params = traverse_util.unflatten_dict(out)
     if errors is not None:
         errors.update(quantizer.errors)
     return params
@@ -285,7 +267,7 @@ class KernelQuantizer:
         if np.ndim(value) - n_stacked < 2:
             raise ValueError(f"'{path_str(key)}' has shape {np.shape(value)}: too few axes for a stack of kernels "
                              f"(check stacked={list(self.stacked)})")
-        box, figures = _quantize_array(value, self.format, self.block, n_stacked, self.config.quantized_compute_dtype,
+        box, figures = quantize_array(value, self.format, self.block, n_stacked, self.config.quantized_compute_dtype,
                                        self.measure)
         self.record(path_str(key[:-1]), figures)
         # waited for (record reads it): with jax's asynchronous dispatch a loader would otherwise read
@@ -316,7 +298,7 @@ def _check_layer(module: tuple[str, ...], kernel: Any, flat: dict, quantizer: Ke
     kernel that carries a stack's leading axis (its bias does too) without ``stacked=`` naming it."""
     where = path_str(module)
     if module + ("lora_magnitude",) in flat:
-        raise _dora_before_quantize(where)
+        raise dora_before_quantize(where)
     bias = flat.get(module + ("bias",))
     shape = np.shape(kernel)
     if bias is not None and not _under(quantizer.stacked, module):
@@ -327,54 +309,20 @@ def _check_layer(module: tuple[str, ...], kernel: Any, flat: dict, quantizer: Ke
                              f"stacked=, e.g. stacked=('{module[0]}',), so that each layer is quantized on its own")
 
 
-def _dora_before_quantize(where: str) -> ValueError:
+def dora_before_quantize(where: str) -> ValueError:
     return ValueError(f"layer '{where}' has a DoRA magnitude, computed from its float kernel: on the quantized kernel "
                       f"the model would no longer start from the base. Quantize the base first, then add the adapter "
                       f"(linen: init_lora_params or apply_adapter on the quantized tree; NNX: lora(...) on the "
                       f"quantized model)")
 
 
-def _check_chosen(chosen: list, layers: str, config: LoraConfig, already: bool = False) -> None:
+def check_chosen(chosen: list, layers: str, config: LoraConfig, already: bool = False) -> None:
     if not chosen and already:
         raise ValueError("quantize: these params are already quantized (they hold QuantizedKernel boxes and no "
                          "float kernel to choose); quantize the float params once")
     if not chosen:
         raise ValueError(f"quantize: no kernel matched ({layers}: targets {list(config.targets)}); "
                          f"nothing would be quantized")
-
-
-def _quantize_nnx(model: nnx.Module, quantizer: KernelQuantizer, layers: str, config: LoraConfig) -> nnx.Module:
-    from .nnx_transform import is_adapted, nnx_layer_kind, one_layer_ndim, quantized_class
-
-    chosen, already = [], False
-    for path, module in nnx.iter_modules(model):
-        kind = nnx_layer_kind(module)
-        already = already or isinstance(getattr(module, "kernel", None), QuantizedParam)
-        # a QuantizedParam is no nnx.Param: a layer quantized before is left as it is
-        if kind in (None, "embed") or not isinstance(getattr(module, "kernel", None), nnx.Param):
-            continue
-        if not quantizer.selected(tuple(str(p) for p in path)):
-            continue
-        where = "/".join(str(p) for p in path)
-        if hasattr(module, "lora_magnitude"):
-            raise _dora_before_quantize(where)
-        chosen.append((where, module, kind))
-    for where, module, kind in chosen:
-        kernel = module.kernel[...]
-        n_stacked = kernel.ndim - one_layer_ndim(module, kind)
-        box, figures = _quantize_array(kernel, quantizer.format, quantizer.block, n_stacked,
-                                       config.quantized_compute_dtype, quantizer.measure)
-        quantizer.record(where, figures)
-        module.kernel = QuantizedParam(box)
-        if not is_adapted(module):  # an adapted layer's call already dequantizes at the point of use
-            module.__class__ = quantized_class(type(module))
-    _check_chosen(quantizer.chosen, layers, config, already)
-    return model
-
-
-def is_quantized(leaf: Any) -> bool:
-    """Whether ``leaf`` is a quantized kernel box."""
-    return isinstance(leaf, QuantizedKernel)
 
 
 def requantize_like(box: QuantizedKernel, value: jax.Array) -> QuantizedKernel:
@@ -406,13 +354,7 @@ def merge_requantized(params: Params, config: LoraConfig) -> tuple[dict, dict[st
     >>> type(merged["fc"]["kernel"]).__name__, error["fc"]["relative"] < 0.01
     ('QuantizedKernel', True)
     """
-    from .merge import merge
-
     require_config(config, "merge_requantized")
-    if isinstance(params, nnx.Module):
-        raise TypeError("merge_requantized takes a linen param tree; for an NNX model, lora_jax.merge(model, config) "
-                        "gives a merged copy, and lora_jax.quantize(merged, config, format, layers='all') quantizes it "
-                        "again")
     boxes = {key[:-1]: value for key, value in traverse_util.flatten_dict(dict(params)).items()
              if isinstance(value, QuantizedKernel)}
     if not boxes:

@@ -9,7 +9,6 @@ from flax import traverse_util
 
 from .config import LoraConfig
 from .masking import trainable_mask
-from .nnx_trees import as_param_tree
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -22,7 +21,7 @@ def count_parameters(params: Params, mask: Params | None = None) -> tuple[int, i
     >>> count_parameters({"a": np.zeros((2, 3)), "b": np.zeros(4)}, {"a": False, "b": True})
     (4, 10)
     """
-    flat = traverse_util.flatten_dict(dict(as_param_tree(params)))
+    flat = traverse_util.flatten_dict(dict(params))
     flat_mask = traverse_util.flatten_dict(dict(mask)) if mask is not None else {k: True for k in flat}
     total = sum(int(np.prod(v.shape)) for v in flat.values())
     trainable = sum(int(np.prod(v.shape)) for k, v in flat.items() if flat_mask[k])
@@ -33,7 +32,6 @@ def trainable_summary(params: Params, config: LoraConfig, per_layer: bool = Fals
     """'trainable params: 18,432 || all params: 22,731,264 || trainable%: 0.0811' (+ a table).
 
     ``params``: a LoRA param tree, or an NNX model with LoRA."""
-    params = as_param_tree(params)
     mask = trainable_mask(params, config)
     trainable, total = count_parameters(params, mask)
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100.0 * trainable / total:.4f}"

@@ -29,7 +29,6 @@ from jax.sharding import NamedSharding, Sharding
 
 from .finite import all_finite
 from .masking import combine, partition
-from .nnx_trees import as_param_tree
 from .boxes import replicated_like, stays_boxed, unbox_but_stored
 from .targets import path_str
 
@@ -109,7 +108,7 @@ class TrainState:
         """
         _check_optimizer(optimizer, "TrainState.create")
         _check_rng(rng)
-        params = unbox_but_stored(as_param_tree(params))  # quantized kernels stay small
+        params = unbox_but_stored(params)  # quantized kernels stay small
         check_mask(params, mask)
         trainable, frozen = partition(params, mask)
         trainable = jax.tree.map(jnp.copy, trainable)

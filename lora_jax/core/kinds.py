@@ -1,6 +1,6 @@
 """Per layer kind: the shapes of lora_A / lora_B, the weight update A·B, and the low-rank product.
 
-Pure functions on arrays, no flax: the linen front end (``lora_jax.layers``) and any other front
+Pure functions on arrays, no flax: the linen front end (``lora_jax.linen``) and any other front
 end call these. ``r`` is the rank; a leading stacked axis (from ``nn.scan``) is allowed in
 ``delta``.
 
@@ -39,6 +39,18 @@ import jax.numpy as jnp
 
 Array = jax.Array
 KINDS = ("dense", "dense_general", "einsum", "conv", "embed")
+BASE_LEAVES = ("kernel", "embedding")  # the weight an adapted layer holds, by kind: see base_leaf_name
+
+
+def base_leaf_name(kind: str) -> str:
+    """The name of the weight a layer of ``kind`` holds: an Embed's ``embedding``, else ``kernel``.
+
+    >>> base_leaf_name("embed"), base_leaf_name("conv")
+    ('embedding', 'kernel')
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
+    return "embedding" if kind == "embed" else "kernel"
 
 
 @dataclasses.dataclass(frozen=True)

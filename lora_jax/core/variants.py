@@ -4,7 +4,7 @@ A variant is told, for one adapted layer, the base output, the scaled low-rank u
 ``scale · f(dropout(x); A, B)``, the frozen weight and (lazily) the scaled weight update
 ``scale · A·B`` and the input through the frozen weight; it returns the layer's output. It also
 names the extra adapter leaves it keeps beside ``lora_A`` / ``lora_B`` and how it merges into the
-weight. Front ends (linen today) and ``merge`` call only this protocol, so a new variant is a new
+weight. The front ends (linen and NNX), ``merge`` and adapter banks call only this protocol, so a new variant is a new
 class here plus its tests.
 
 * ``LORA``: ``y = base(x) + update``; merged ``W + ΔW``.

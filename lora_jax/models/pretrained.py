@@ -22,6 +22,8 @@ from flax import traverse_util
 
 from .bert import HEAD_MODULES, TASK_MODELS, BertConfig
 from .hub import resolve_model_dir
+from ..config import LoraConfig
+from ..quantize import KernelQuantizer
 from ..safetensors_io import adopt, open_safetensors, release_freed_memory
 from .torch_pickle import load_torch_bin
 
@@ -224,9 +226,6 @@ def from_pretrained(name_or_path: str | Path, task: str = "sequence_classificati
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
     convert = None
     if quantize is not None:
-        from ..config import LoraConfig
-        from ..quantize import KernelQuantizer
-
         if quantize_config is None:
             quantize_config = LoraConfig(targets=("re:.*",), modules_to_save=HEAD_MODULES[task])
         if not isinstance(quantize_config, LoraConfig):

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .config import LoraConfig
-from .core import forward, kinds
-from .core.forward import Plan, check_variant_supported, split_input
-from .core.init import a_initializer
-from .core.variants import foreign_leaves
+from ..config import LoraConfig
+from ..core import forward, kinds
+from ..core.forward import Plan, check_variant_supported, split_input
+from ..core.kinds import base_leaf_name
+from ..core.init import a_initializer
+from ..core.variants import foreign_leaves
+from ..quantize import QuantizedKernel
 
 Array = jax.Array
 
@@ -50,17 +52,11 @@ ADAPTED_METHODS = {"dense": ("__call__",), "dense_general": ("__call__",), "eins
                    "conv": ("__call__",), "embed": ("__call__", "attend")}
 
 
-def base_leaf_name(kind: str) -> str:
-    return "embedding" if kind == "embed" else "kernel"
-
-
 # --------------------------------------------------------------------------- a quantized frozen kernel
 
 
 def quantized_kernel(module: nn.Module, kind: str) -> Any:
     """The layer's frozen weight if it is stored quantized (a ``QuantizedKernel`` box), else None."""
-    from .quantize import QuantizedKernel
-
     name = base_leaf_name(kind)
     if module.scope is None or not module.scope.has_variable("params", name):
         return None

@@ -14,7 +14,7 @@ from flax import nnx
 import lora_jax
 from lora_jax import LoraConfig
 from tests.helpers import stacked_nnx_linears
-from tests.test_layers import ALPHA, CASES, RANK, SCALE, _dora_expected
+from tests.linen.test_layers import ALPHA, CASES, RANK, SCALE, _dora_expected
 
 NNX_LAYERS = {
     "dense": lambda r: nnx.Linear(6, 5, rngs=r),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.core import meta
 
-from .targets import path_str
+from ..targets import path_str
 
 
 def nnx_params(model: nnx.Module) -> dict:
@@ -42,11 +42,6 @@ def nnx_params(model: nnx.Module) -> dict:
             flax_lora = node.pop("lora")
             node["lora_A"], node["lora_B"] = flax_lora["lora_a"], flax_lora["lora_b"]
     return params
-
-
-def as_param_tree(params_or_model: Any) -> Any:
-    """An NNX model's params as a nested dict (``nnx_params``); anything else as it is."""
-    return nnx_params(params_or_model) if isinstance(params_or_model, nnx.Module) else params_or_model
 
 
 def _string_keys(tree: Any) -> Any:

@@ -16,11 +16,11 @@ import jax
 import flax.linen as nn
 from flax import traverse_util
 
-from .config import LoraConfig
+from ..config import LoraConfig
 from .layers import (ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind, quantized_base_output,
                      quantized_kernel)
-from .target_report import TargetReport, check_targets
-from .targets import matches, path_str
+from ..target_report import TargetReport, check_targets
+from ..targets import matches, path_str
 
 
 class LoraModule(nn.Module):
@@ -97,8 +97,8 @@ class LoraModule(nn.Module):
 def lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
     """Return ``model`` with LoRA on the layers ``config.targets`` selects.
 
-    A ``flax.nnx`` model is adapted in place and returned (it needs ``rngs=nnx.Rngs(...)`` for the
-    factors' initialiser and dropout; see ``lora_jax.nnx_transform``). What follows is the linen form.
+    ``lora_jax.lora`` also takes a ``flax.nnx`` model, adapted in place and returned (it needs
+    ``rngs=nnx.Rngs(...)``; see ``lora_jax.nnx.transform.lora_nnx``). This is the linen form.
 
     The result is a linen Module with the same call signature; its params are ``model``'s params
     plus ``lora_A`` / ``lora_B`` beside each targeted kernel, and it computes exactly ``model``'s
@@ -121,20 +121,6 @@ def lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
     >>> model.apply({"params": params}, jnp.ones((5, 6))).shape
     (5, 3)
     """
-    from flax import nnx
-
-    if isinstance(model, nnx.Module):
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"lora() takes a LoraConfig, got {type(config).__name__}")
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError("lora() on an NNX model adds params in place and needs rngs=nnx.Rngs(...) for them "
-                            f"(got {type(rngs).__name__})")
-        if "params" not in rngs and "default" not in rngs:
-            raise ValueError("lora(): rngs has no 'params' stream (nor a default one) to initialise lora_A from: pass "
-                             "nnx.Rngs(0), or nnx.Rngs(params=0, ...) beside your other streams")
-        from .nnx_transform import lora_nnx
-
-        return lora_nnx(model, config, rngs=rngs)
     if rngs is not None:
         raise TypeError("rngs= is for NNX models; a linen model takes its rngs at init / init_lora_params")
     if not isinstance(model, nn.Module):

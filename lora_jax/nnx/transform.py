@@ -37,13 +37,15 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
 
-from .config import LoraConfig
-from .core import kinds
-from .core.forward import Plan, adapted_output, check_variant_supported, split_input
-from .core.init import a_initializer
-from .nnx_trees import nnx_params
-from .target_report import TargetReport, check_targets
-from .targets import matches, path_str
+from ..config import LoraConfig
+from ..core import kinds
+from ..core.forward import Plan, adapted_output, check_variant_supported, split_input
+from ..core.init import a_initializer
+from ..masking import trainable_mask
+from ..target_report import TargetReport, check_targets
+from ..targets import matches, path_str
+from .variables import QuantizedParam
+from .trees import nnx_params
 
 Array = jax.Array
 
@@ -64,7 +66,7 @@ def is_adapted(module: Any) -> bool:
     return type(module) in _BASE_OF
 
 
-def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
     """Add LoRA to the layers of ``model`` that ``config`` targets, in place; returns ``model``.
 
     Args:
@@ -73,6 +75,14 @@ def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mo
       rngs: ``nnx.Rngs`` for lora_A's initialiser (stream ``params``, else ``default``) and, while
         training, LoRA dropout (stream ``config.dropout_rng``, else ``default``).
     """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora() takes a LoraConfig, got {type(config).__name__}")
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError("lora() on an NNX model adds params in place and needs rngs=nnx.Rngs(...) for them "
+                        f"(got {type(rngs).__name__})")
+    if "params" not in rngs and "default" not in rngs:
+        raise ValueError("lora(): rngs has no 'params' stream (nor a default one) to initialise lora_A from: pass "
+                         "nnx.Rngs(0), or nnx.Rngs(params=0, ...) beside your other streams")
     record = TargetReport(hits={t: 0 for t in config.targets})
     chosen = []
     for path, module in nnx.iter_modules(model):
@@ -192,7 +202,6 @@ def base_call(module: Any, method: str, args: tuple, kwargs: dict) -> Array:
     """What the user's layer class computes in ``method`` on ``module``'s weights; a quantized kernel
     (``QuantizedParam``) is dequantized at the point of use, in the forward and the backward pass
     (``QuantizedKernel.apply``), by running the layer's own code on a twin that holds the kernel."""
-    from .quantize import QuantizedParam
 
     plain = plain_class(type(module))
     variable = getattr(module, "kernel", None)
@@ -317,7 +326,7 @@ def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
         scaled = layer_config.scale * kinds.delta(a, b, tuple(weight.shape))
         leaves = {name: getattr(module, name)[...] for name in layer_config.variant.leaves}
         new = layer_config.variant.merge(weight.astype(jnp.float32), scaled, leaves).astype(weight.dtype)
-        name = "embedding" if kind == "embed" else "kernel"
+        name = kinds.base_leaf_name(kind)
         was_quantized = isinstance(getattr(module, name).get_raw_value(), meta.AxisMetadata)  # a box: now plain
         if was_quantized:
             setattr(module, name, nnx.Param(new))
@@ -388,7 +397,6 @@ def nnx_trainable(model: nnx.Module, config: LoraConfig) -> Any:
     """
     from flax import traverse_util
 
-    from .masking import trainable_mask
 
     flat = traverse_util.flatten_dict(trainable_mask(nnx_params(model), config))
     chosen = frozenset(key for key, trains in flat.items() if trains)

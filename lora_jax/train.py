@@ -108,6 +108,9 @@ class TrainState:
         """
         _check_optimizer(optimizer, "TrainState.create")
         _check_rng(rng)
+        if not isinstance(params, Mapping):
+            raise TypeError(f"TrainState.create takes a param tree (a nested dict), got {type(params).__name__}; for "
+                            f"an NNX model, train its tree: apply, params = lora_jax.nnx_functional(model)")
         params = unbox_but_stored(params)  # quantized kernels stay small
         check_mask(params, mask)
         trainable, frozen = partition(params, mask)

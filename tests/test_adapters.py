@@ -22,7 +22,7 @@ def test_apply_adapter_names_wrong_argument_types():
     _, base = lora_jax.partition(params, lora_jax.trainable_mask(params, config))
     with pytest.raises(TypeError, match="takes an Adapter .* got list"):
         lora_jax.apply_adapter(base, [1, 2])
-    with pytest.raises(TypeError, match="base params as a nested dict, got str"):
+    with pytest.raises(TypeError, match="apply_adapter takes a param tree \(a nested dict\) or a flax.nnx model, got str"):
         lora_jax.apply_adapter("base", lora_jax.extract_adapter(params, config))
 
 

@@ -38,3 +38,15 @@ def test_reading_verbs_see_the_models_params_and_changing_verbs_return_the_model
     assert "lora_A" not in tree_merged["fc1"] and "lora_A" in params["fc1"]
     with pytest.raises(TypeError, match="merge_requantized takes a linen param tree"):
         lora_jax.merge_requantized(model, config)
+
+
+def test_a_verb_given_neither_a_tree_nor_a_model_names_itself():
+    config = LoraConfig(rank=2, targets=("fc1",))
+    for verb in (lora_jax.merge, lora_jax.trainable_mask, lora_jax.quantize, lora_jax.apply_adapter):
+        with pytest.raises(TypeError, match=rf"{verb.__name__} takes a param tree \(a nested dict\) or a flax.nnx model, "
+                                            r"got NoneType"):
+            verb(None, config)
+    import optax
+    model = lora_jax.lora(Mlp(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+    with pytest.raises(TypeError, match=r"TrainState.create takes a param tree .* lora_jax.nnx_functional\(model\)"):
+        lora_jax.TrainState.create(model, lora_jax.trainable_mask(model, config), optax.sgd(0.1), jax.random.key(0))

@@ -90,7 +90,7 @@ def quantized_base_output(module: nn.Module, kind: str, box: Any, args: tuple, k
 # --------------------------------------------------------------------------- one adapted call
 
 
-def adapted_output(module: nn.Module, kind: str, args: tuple, kwargs: dict, config: LoraConfig, path: str,
+def adapted_layer_output(module: nn.Module, kind: str, args: tuple, kwargs: dict, config: LoraConfig, path: str,
                    dropout_key: Array | None, base_out: Array, method: str = "__call__") -> Array:
     """The output of one call of a targeted layer with its adapter: ``base_out`` (the frozen layer's
     own output for this call) combined with ``scale · f(dropout(x); A, B)`` by ``config.variant``,

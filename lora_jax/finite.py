@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from .targets import path_str
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -37,12 +36,5 @@ def nonfinite_leaves(tree: Any) -> list[str]:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
         if not bool(jnp.isfinite(leaf).all()):
-            bad.append(path_str(tuple(_key_name(k) for k in path)))
+            bad.append(jax.tree_util.keystr(path, simple=True, separator="/"))
     return bad
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)

@@ -21,7 +21,7 @@ from flax import traverse_util
 from .folder_swap import folder_path
 from .orbax_io import quiet_orbax, short_error
 from .targets import path_str
-from .train import TrainState, check_state_mask
+from .train import TrainState, check_state_mask, trainable_keys
 
 Params = Mapping[str, Any]
 
@@ -100,7 +100,7 @@ class TrainCheckpointer:
         if not force and not self.manager.should_save(step):
             return False
         if self.mask is not None:
-            check_state_mask(state, self.mask, "the checkpointer's")
+            check_state_mask(state, trainable_keys(self.mask), "the checkpointer's")
         self._finish_pending()
         try:
             with quiet_orbax():

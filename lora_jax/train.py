@@ -11,7 +11,8 @@ step returns each leaf with the sharding it came in with: the adapter's layout i
 steps and the step compiles once.
 
 Every step reports ``finite`` (the loss, the gradient norm and the updated trainable leaves are
-finite) in its metrics, so divergence, on the last step too, is one cheap flag to check; ``skip_nonfinite=True`` additionally leaves the state unchanged on such a
+finite) in its metrics, so divergence, on the last step too, is one cheap flag to check;
+``skip_nonfinite=True`` additionally leaves the state unchanged on such a
 step (the step counter still advances).
 """
 
@@ -52,10 +53,14 @@ def check_mask(params: Params | None, mask: Params) -> None:
         partition(params, mask)  # names leaves present in only one of the two trees
 
 
-def check_state_mask(state: "TrainState", mask: Params, whose: str) -> None:
-    """ValueError unless ``state``'s trainable leaves are exactly those ``mask`` marks trainable."""
+def trainable_keys(mask: Params) -> frozenset:
+    """The flattened keys ``mask`` marks trainable."""
+    return frozenset(k for k, v in traverse_util.flatten_dict(dict(mask)).items() if v)
+
+
+def check_state_mask(state: "TrainState", wanted: frozenset, whose: str) -> None:
+    """ValueError unless ``state``'s trainable leaves are exactly ``wanted`` (``trainable_keys(mask)``)."""
     keys = frozenset(traverse_util.flatten_dict(dict(state.trainable)))
-    wanted = frozenset(k for k, v in traverse_util.flatten_dict(dict(mask)).items() if v)
     if keys != wanted:
         only_state = sorted(path_str(k) for k in keys - wanted)[:5]
         only_mask = sorted(path_str(k) for k in wanted - keys)[:5]
@@ -146,7 +151,7 @@ def _check_rng(rng: Any) -> None:
 
 def _per_leaf_shardings(params: Params, shardings: Params | Sharding) -> dict:
     """A tree like ``params`` of shardings (a quantized kernel's codes and scales each get their own:
-    ``_quantized_shardings``); every sharding on one set of devices."""
+    ``QuantizedKernel.leaf_shardings``); every sharding on one set of devices."""
     if isinstance(shardings, Sharding):
         shardings = jax.tree.map(lambda _: shardings, dict(params), is_leaf=stays_boxed)
     if not isinstance(shardings, Mapping):
@@ -202,13 +207,14 @@ class TrainStep:
         if not callable(loss_fn):
             raise TypeError(f"make_train_step takes loss_fn(params, batch, rng) -> loss, got {type(loss_fn).__name__}")
         self.mask = mask
+        self._trainable_keys = trainable_keys(mask)  # each call checks the state against these
         self._donate = (0,) if donate else ()
         self._jitted = jax.jit(self._step, donate_argnums=self._donate)
         self._on_mesh: dict[Any, Any] = {}  # the step jitted with fixed output shardings, per state layout
         self._batch_sharding = batch_sharding
         self._loss_fn, self._optimizer, self._has_aux = loss_fn, optimizer, has_aux
         self._skip_nonfinite = skip_nonfinite
-        self._warned_placement = False
+        self._placement_checked = False
 
     def _step(self, dynamic, frozen, batch):
         step, trainable, opt_state, rng = dynamic
@@ -237,7 +243,7 @@ class TrainStep:
         return (step + 1, new_trainable, new_opt_state, rng), metrics
 
     def _check_state(self, state: TrainState) -> None:
-        check_state_mask(state, self.mask, "the train step's")
+        check_state_mask(state, self._trainable_keys, "the train step's")
 
     def _for_state(self, dynamic: Any):
         """The jitted step for this state's placement: on more than one device, outputs are pinned to
@@ -252,14 +258,15 @@ class TrainStep:
         return self._on_mesh[key]
 
     def _warn_unplaced_state(self, dynamic: Any, batch: Any) -> None:
-        """Warn once when the batch spans several devices but the state sits on one: XLA then places
-        the returned state itself, and the second step compiles again for that placement."""
-        if self._warned_placement:
+        """On the first call, warn when the batch spans several devices but the state sits on one:
+        XLA then places the returned state itself, and the second step compiles again for that
+        placement (later calls see the state XLA placed)."""
+        if self._placement_checked:
             return
+        self._placement_checked = True
         spans = lambda tree: max((len(x.sharding.device_set) for x in jax.tree.leaves(tree)
                                   if isinstance(x, jax.Array)), default=1)
         if spans(batch) > 1 and spans(dynamic) == 1:
-            self._warned_placement = True
             warnings.warn(f"the batch spans {spans(batch)} devices but the TrainState sits on one: the step will "
                           f"compile again on its second call, for the placement XLA picks. Create the state with "
                           f"TrainState.create(..., shardings=...) (e.g. one replicated NamedSharding) to compile "

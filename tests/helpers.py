@@ -7,6 +7,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -161,3 +162,14 @@ def mlp_lora_params(width=16, rank=2):
     x = jax.random.normal(jax.random.key(0), (64, 10))
     params = randomize_lora(model.init(jax.random.key(1), x)["params"])
     return model, config, params, x
+
+
+class NnxTanhMlp(nnx.Module):
+    """An NNX MLP n_in -> hidden -> n_out with a tanh between its two Linear layers (fc1, fc2)."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(n_in, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, n_out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jnp.tanh(self.fc1(x)))

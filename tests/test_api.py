@@ -8,15 +8,11 @@ from flax import nnx
 
 import lora_jax
 from lora_jax import LoraConfig
+from tests.helpers import NnxTanhMlp
 
 
-class Mlp(nnx.Module):
-    def __init__(self, rngs):
-        self.fc1 = nnx.Linear(6, 8, rngs=rngs)
-        self.fc2 = nnx.Linear(8, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(jnp.tanh(self.fc1(x)))
+def Mlp(rngs):
+    return NnxTanhMlp(6, 8, 3, rngs)
 
 
 def test_reading_verbs_see_the_models_params_and_changing_verbs_return_the_model():

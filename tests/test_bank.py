@@ -116,14 +116,9 @@ def test_a_dora_banks_no_adapter_row_is_the_base_model():
 def test_an_nnx_model_serves_a_bank_and_hotswaps_in_place():
     from flax import nnx
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.fc1 = nnx.Linear(10, 16, rngs=rngs)
-            self.fc2 = nnx.Linear(16, 5, rngs=rngs)
+    from tests.helpers import NnxTanhMlp
 
-        def __call__(self, x):
-            return self.fc2(jnp.tanh(self.fc1(x)))
-
+    Net = lambda rngs: NnxTanhMlp(10, 16, 5, rngs)
     x = jax.random.normal(jax.random.key(3), (3, 10))
     slots = lora_jax.LoraConfig(rank=4, alpha=4, targets=("fc1", "fc2"))
     adapters = []

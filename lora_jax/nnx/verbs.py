@@ -7,7 +7,7 @@ in place and returns the model. ``lora_jax``'s public verbs send an NNX model he
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from flax import nnx, traverse_util
@@ -69,11 +69,6 @@ def hotswap_adapter(model: nnx.Module, adapter: Adapter, config: LoraConfig, *, 
     brought = traverse_util.flatten_dict(dict(adapter.params))
     changed = {k: v for k, v in swapped.items() if k[-1] in ("lora_A", "lora_B") or k in brought}
     return load_nnx_params(model, traverse_util.unflatten_dict(changed))
-
-
-def make_bank(model: nnx.Module, adapters_: Sequence[Adapter], config: LoraConfig, *, strict: bool = True) -> dict:
-    """``make_bank`` over the model's params."""
-    return bank.make_bank(nnx_params(model), adapters_, config, strict=strict)
 
 
 def bank_apply(model: nnx.Module, params: dict | None, bank_: dict, index: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,10 +1,10 @@
 """The linen front end of LoRA's per-layer math: which flax layers are adapted, and how.
 
 For a targeted layer this module reads the frozen weight from the layer's scope, creates or reads
-``lora_A`` / ``lora_B`` (and a variant's extra leaves) beside it, describes the call as a
-``core.forward.Plan`` (shapes and products from ``core.kinds``) and lets ``core.forward`` combine
-it with the frozen output through the config's variant. All array math lives in ``core``;
-what is here is flax: scopes, params, the layers' own attributes (axes, precision, conv geometry).
+``lora_A`` / ``lora_B`` (and a variant's extra leaves) beside it, reads the layer's own attributes
+(axes, precision, dtype, conv code) into a ``core.plans.LayerReading`` whose plan (the same for
+the NNX front end) ``core.forward`` combines with the frozen output through the config's variant.
+All array math lives in ``core``; what is here is flax: scopes, params, attribute reading.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import flax.linen as nn
 from ..config import LoraConfig
 from ..core import forward, kinds
 from ..core.forward import Plan, check_variant_supported, split_input
+from ..core.plans import LayerReading, einsum_spec_of_call, plan_call
 from ..core.kinds import base_leaf_name
 from ..core.init import a_initializer
 from ..core.variants import foreign_leaves
@@ -102,9 +103,8 @@ def adapted_layer_output(module: nn.Module, kind: str, args: tuple, kwargs: dict
     rank = config.rank_for(path)
     scale = config.scale_for(rank)
     weight = nn.meta.unbox(module.scope.get_variable("params", base_leaf_name(kind)))
-    x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
-    plan = _attend_plan(module, weight, rank) if method == "attend" else \
-        _PLANNERS[kind](module, weight, args, kwargs, rank, path)
+    x = split_input(args, kwargs)[0]
+    plan = plan_call(_reading(module, kind, weight, args, kwargs), rank, path, method)
     check_variant_supported(plan, config.variant, path, f"{kind}{'.attend' if method == 'attend' else ''}")
     kinds.check_rank(rank, plan.shapes.n_in, plan.shapes.n_out, path)
     a, b, extra = _adapter_params(module, config, path, plan, kind, rank, scale, weight)
@@ -181,87 +181,25 @@ def _boxer(base_leaf: Any, kind: str, shapes: kinds.FactorShapes, einsum_axes: k
     return box
 
 
-def _compute_dtype(module: nn.Module, x: Array, weight: Array) -> Any:
-    return jnp.result_type(x, weight) if module.dtype is None else module.dtype
+def _reading(module: nn.Module, kind: str, weight: Array, args: tuple, kwargs: dict) -> LayerReading:
+    """The linen layer's own attributes for ``core.plans``: compute dtype, precision, DenseGeneral's
+    axes, this call's einsum spec and the layer's conv code."""
+    _, rest, call_kwargs = split_input(args, kwargs)
+    if kind == "dense_general":
+        return LayerReading(kind, weight, module.dtype, module.precision, axis=module.axis,
+                            batch_axes=bool(module.batch_dims))
+    if kind == "einsum":
+        return LayerReading(kind, weight, module.dtype, module.precision,
+                            einsum_spec=einsum_spec_of_call(rest, call_kwargs, module.einsum_str))
+    if kind == "conv":
+        def conv(x, kernel):  # the module's own conv code (padding modes, strides, dilation) on another kernel
+            plain = module.clone(parent=None, features=kernel.shape[-1], use_bias=False, name=None)
+            with _internal_call():
+                return plain.apply({"params": {"kernel": kernel}}, x)
 
-
-def _dense_plan(module, weight, args, kwargs, rank, path) -> Plan:
-    def update(x, a, b):
-        return kinds.low_rank_matmul(x, a, b, _compute_dtype(module, x, weight), module.precision)
-
-    def base_term(x):
-        dtype = _compute_dtype(module, x, weight)
-        return jnp.matmul(x.astype(dtype), weight.astype(dtype), precision=module.precision)
-
-    return Plan(kinds.dense_shapes(tuple(weight.shape), rank), update, base_term)
-
-
-def _dense_general_plan(module, weight, args, kwargs, rank, path) -> Plan:
-    if module.batch_dims:
-        raise NotImplementedError(f"LoRA on nn.DenseGeneral with batch_dims is not supported (layer '{path}')")
-    x = args[0] if args else kwargs["inputs"]
-    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axes = tuple(ax % x.ndim for ax in axes)
-    shapes = kinds.dense_general_shapes(tuple(weight.shape), len(axes), rank)
-    out_shape = tuple(weight.shape[len(axes):])
-
-    def update(x, a, b):
-        return kinds.low_rank_dense_general(x, a, b, axes, out_shape, _compute_dtype(module, x, weight),
-                                            module.precision)
-
-    def base_term(x):
-        dtype = _compute_dtype(module, x, weight)
-        contract = (axes, tuple(range(len(axes))))
-        return jax.lax.dot_general(x.astype(dtype), weight.astype(dtype), (contract, ((), ())),
-                                   precision=module.precision)
-
-    return Plan(shapes, update, base_term)
-
-
-def _einsum_plan(module, weight, args, kwargs, rank, path) -> Plan:
-    spec = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
-    axes = kinds.parse_einsum(spec, path)
-
-    def update(x, a, b):
-        return kinds.low_rank_einsum(x, a, b, tuple(weight.shape), axes, _compute_dtype(module, x, weight),
-                                     module.precision)
-
-    return Plan(kinds.einsum_shapes(tuple(weight.shape), axes, rank), update, None, einsum_axes=axes)
-
-
-def _conv_plan(module, weight, args, kwargs, rank, path) -> Plan:
-    if module.feature_group_count != 1 or module.mask is not None:
-        raise NotImplementedError(f"LoRA on grouped or masked nn.Conv is not supported (layer '{path}')")
-
-    def conv(x, kernel):  # the module's own conv code (padding modes, strides, dilation) on another kernel
-        plain = module.clone(parent=None, features=kernel.shape[-1], use_bias=False, name=None)
-        with _internal_call():
-            return plain.apply({"params": {"kernel": kernel}}, x)
-
-    def update(x, a, b):
-        return kinds.low_rank_conv(x, a, b, conv, module.precision)
-
-    return Plan(kinds.conv_shapes(tuple(weight.shape), rank), update, lambda x: conv(x, weight))
-
-
-def _embed_plan(module, weight, args, kwargs, rank, path) -> Plan:
-    def update(ids, a, b):
-        return kinds.low_rank_embed(ids, a, b, module.dtype or weight.dtype)
-
-    # no LoRA dropout on ids: the base term (the looked-up rows) is the layer's own output
-    return Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, lambda ids: jnp.take(weight, ids, axis=0),
-                uses_dropout=False)
-
-
-def _attend_plan(module, weight, rank) -> Plan:
-    def update(query, a, b):
-        return kinds.low_rank_attend(query, a, b, module.dtype or weight.dtype)
-
-    return Plan(kinds.embed_shapes(tuple(weight.shape), rank), update, None)
-
-
-_PLANNERS = {"dense": _dense_plan, "dense_general": _dense_general_plan, "einsum": _einsum_plan,
-             "conv": _conv_plan, "embed": _embed_plan}
+        return LayerReading(kind, weight, module.dtype, module.precision, conv=conv,
+                            grouped=module.feature_group_count != 1 or module.mask is not None)
+    return LayerReading(kind, weight, module.dtype, getattr(module, "precision", None))
 
 
 # --------------------------------------------------------------------------- re-entrancy guard

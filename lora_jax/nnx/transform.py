@@ -39,7 +39,8 @@ from flax.core import meta
 
 from ..config import LoraConfig
 from ..core import kinds
-from ..core.forward import Plan, adapted_output, check_variant_supported, split_input
+from ..core.forward import adapted_output, check_variant_supported, split_input
+from ..core.plans import LayerReading, einsum_spec_of_call, plan_call
 from ..core.init import a_initializer
 from ..masking import trainable_mask
 from ..target_report import TargetReport, check_targets
@@ -130,7 +131,7 @@ def _adapt(module: Any, kind: str, where: str, config: LoraConfig, rngs: nnx.Rng
     n_stack = weight.ndim - one_layer_ndim(module, kind)  # leading axes of layers made under nnx.vmap / scan
     stack = tuple(weight.shape[:n_stack])
     one_layer = weight[(0,) * n_stack]
-    plan = _plan(module, kind, where, rank, None, weight=one_layer)
+    plan = plan_call(_reading(module, kind, one_layer), rank, where)
     check_variant_supported(plan, config.variant, where, kind)
     kinds.check_rank(rank, plan.shapes.n_in, plan.shapes.n_out, where)
     dtype = jnp.dtype(config.param_dtype)
@@ -226,8 +227,9 @@ def base_call(module: Any, method: str, args: tuple, kwargs: dict) -> Array:
 def _output(module: Any, method: str, args: tuple, kwargs: dict, out: Array) -> Array:
     config: LoraConfig = module.lora_config
     kind = nnx_layer_kind(module)
-    x = args[0] if args else next(iter(kwargs.values()))
-    plan = _plan(module, kind, module.lora_path, config.rank, x, method=method, kwargs=kwargs)
+    x, rest, call_kwargs = split_input(args, kwargs)
+    plan = plan_call(_reading(module, kind, _weight(module, kind), rest, call_kwargs), config.rank,
+                     module.lora_path, method)
     check_variant_supported(plan, config.variant, module.lora_path, f"{kind}.{method}")
     key = None
     if config.dropout > 0 and not module.deterministic and module.lora_rngs is not None:
@@ -240,64 +242,27 @@ def _output(module: Any, method: str, args: tuple, kwargs: dict, out: Array) -> 
                           dropout_key=key)
 
 
-def _compute_dtype(module: Any, x: Array, weight: Array) -> Any:
-    return jnp.result_type(x, weight) if module.dtype is None else module.dtype
-
-
-def _plan(module: Any, kind: str, where: str, rank: int, x: Array | None, method: str = "__call__",
-          kwargs: dict | None = None, weight: Array | None = None) -> Plan:
-    """The layer's factor shapes and products; ``x`` None: shapes only (at ``lora`` time, where
-    ``weight`` is one layer's weight of a stacked module)."""
-    weight = _weight(module, kind) if weight is None else weight
-    shape = tuple(weight.shape)
+def _reading(module: Any, kind: str, weight: Array, rest: tuple = (), kwargs: dict | None = None) -> LayerReading:
+    """The NNX layer's own attributes for ``core.plans``; ``rest`` / ``kwargs``: the call's arguments
+    after the input (an Einsum's ``einsum_str``)."""
     precision = getattr(module, "precision", None)
-    if kind == "embed":
-        if method == "attend":
-            return Plan(kinds.embed_shapes(shape, rank),
-                        lambda q, a, b: kinds.low_rank_attend(q, a, b, module.dtype or weight.dtype), None)
-        return Plan(kinds.embed_shapes(shape, rank),
-                    lambda ids, a, b: kinds.low_rank_embed(ids, a, b, module.dtype or weight.dtype),
-                    lambda ids: jnp.take(weight, ids, axis=0), uses_dropout=False)
-    if kind == "dense":
-        return Plan(kinds.dense_shapes(shape, rank),
-                    lambda x, a, b: kinds.low_rank_matmul(x, a, b, _compute_dtype(module, x, weight), precision),
-                    lambda x: jnp.matmul(x.astype(_compute_dtype(module, x, weight)),
-                                         weight.astype(_compute_dtype(module, x, weight)), precision=precision))
     if kind == "dense_general":
-        if module.batch_axis:
-            raise NotImplementedError(f"LoRA on nnx.LinearGeneral with batch_axis is not supported (layer '{where}')")
-        n_in = len(module.in_features)
-        out_shape = shape[n_in:]
-        shapes = kinds.dense_general_shapes(shape, n_in, rank)
-        if x is None:
-            return Plan(shapes, None, lambda x: x)
-        axes = tuple(ax % x.ndim for ax in (module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)))
-
-        def base_term(x):
-            dtype = _compute_dtype(module, x, weight)
-            return jax.lax.dot_general(x.astype(dtype), weight.astype(dtype), ((axes, tuple(range(n_in))), ((), ())),
-                                       precision=precision)
-
-        return Plan(shapes, lambda x, a, b: kinds.low_rank_dense_general(
-            x, a, b, axes, out_shape, _compute_dtype(module, x, weight), precision), base_term)
+        return LayerReading(kind, weight, module.dtype, precision, axis=module.axis, batch_axes=bool(module.batch_axis))
     if kind == "einsum":
-        spec = (kwargs or {}).get("einsum_str") or module.einsum_str
-        axes = kinds.parse_einsum(spec, where)
-        return Plan(kinds.einsum_shapes(shape, axes, rank), lambda x, a, b: kinds.low_rank_einsum(
-            x, a, b, shape, axes, _compute_dtype(module, x, weight), precision), None, einsum_axes=axes)
-    if module.feature_group_count != 1 or module.mask is not None:
-        raise NotImplementedError(f"LoRA on grouped or masked nnx.Conv is not supported (layer '{where}')")
+        return LayerReading(kind, weight, module.dtype, precision,
+                            einsum_spec=einsum_spec_of_call(rest, kwargs or {}, module.einsum_str))
+    if kind == "conv":
+        def conv(x, kernel):  # nnx.Conv's own code (padding modes, strides, dilation) on another kernel
+            plain = nnx.Conv(module.in_features, kernel.shape[-1], module.kernel_size, module.strides,
+                             padding=module.padding, input_dilation=module.input_dilation,
+                             kernel_dilation=module.kernel_dilation, use_bias=False, dtype=module.dtype,
+                             precision=precision, rngs=nnx.Rngs(0))
+            plain.kernel = nnx.Param(kernel)
+            return plain(x)
 
-    def conv(x, kernel):  # nnx.Conv's own code (padding modes, strides, dilation) on another kernel
-        plain = nnx.Conv(module.in_features, kernel.shape[-1], module.kernel_size, module.strides,
-                         padding=module.padding, input_dilation=module.input_dilation,
-                         kernel_dilation=module.kernel_dilation, use_bias=False, dtype=module.dtype,
-                         precision=precision, rngs=nnx.Rngs(0))
-        plain.kernel = nnx.Param(kernel)
-        return plain(x)
-
-    return Plan(kinds.conv_shapes(shape, rank), lambda x, a, b: kinds.low_rank_conv(x, a, b, conv, precision),
-                lambda x: conv(x, weight))
+        return LayerReading(kind, weight, module.dtype, precision, conv=conv,
+                            grouped=module.feature_group_count != 1 or module.mask is not None)
+    return LayerReading(kind, weight, module.dtype, precision)
 
 
 # --------------------------------------------------------------------------- merge and params

@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from .config import LoraConfig
-from .core.kinds import delta
+from .core.kinds import BROADCAST, delta, factor_layout
 from .fingerprint import check_base_fingerprint
 from .core.variants import ADAPTER_LEAVES
 from .masking import partition, trainable_mask
@@ -204,12 +204,12 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
             b_new = sum(math.sqrt(abs(s)) * b for s, b in zip(scales, b_list))
         elif combination_type == "cat":
             weight = flat_base[base_leaf_key(flat_base, module)]
-            b_axis = -1 if a_list[0].ndim == weight.ndim + 1 else -2  # broadcast (Einsum) layout keeps r last
+            b_axis = -1 if factor_layout(a_list[0].shape, weight.shape) == BROADCAST else -2  # einsum: r last
             a_new = jnp.concatenate([s * a for s, a in zip(scales, a_list)], axis=-1)
             b_new = jnp.concatenate(b_list, axis=b_axis)
         else:
             weight = flat_base[base_leaf_key(flat_base, module)]
-            if a_list[0].ndim == weight.ndim + 1:
+            if factor_layout(a_list[0].shape, weight.shape) == BROADCAST:
                 raise ValueError(f"'svd' works on matrix-shaped factors; layer '{path_str(module)}' is an Einsum "
                                  f"layer (use 'cat')")
             target = svd_rank or max(a.shape[-1] for a in a_list)

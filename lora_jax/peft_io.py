@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_adapter
 from .config import LoraConfig
-from .core.kinds import BASE_LEAVES
+from .core.kinds import BASE_LEAVES, BROADCAST, factor_layout
 from .finite import nonfinite_leaves
 from .folder_swap import folder_path, locked, recover_folder, replace_folder
 from .safetensors_io import read_safetensors
@@ -53,7 +53,7 @@ def _layout(flat: dict, module: tuple[str, ...], a: np.ndarray, b: np.ndarray) -
         raise ValueError(f"'{_module_name(module)}' has LoRA leaves but no kernel or embedding")
     if module + ("embedding",) in flat:
         return ("embed", None) if a.ndim == 2 else ("embed", a.shape[0])
-    if a.ndim == weight.ndim + 1:
+    if factor_layout(a.shape, weight.shape) == BROADCAST:
         stacked = a.shape[0] if a.shape[0] == b.shape[0] == weight.shape[0] > 1 and weight.ndim > 2 else None
         return "einsum", stacked
     if a.ndim == b.ndim == 2:

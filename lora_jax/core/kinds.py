@@ -38,8 +38,37 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-KINDS = ("dense", "dense_general", "einsum", "conv", "embed")
-BASE_LEAVES = ("kernel", "embedding")  # the weight an adapted layer holds, by kind: see base_leaf_name
+MATRIX, BROADCAST, CONV = "matrix", "broadcast", "conv"  # how lora_A / lora_B hold a layer's update
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One layer kind: what it holds and how its factors are laid out.
+
+    Attributes:
+      name: 'dense' | 'dense_general' | 'einsum' | 'conv' | 'embed'.
+      base_leaf: the frozen weight's leaf name ('kernel', an Embed's 'embedding').
+      layout: MATRIX (A (in, r) @ B (r, out), reshaped to the weight), BROADCAST (einsum: A and B
+        keep the kernel's axes, size one where the other factor's axes are, rank last) or CONV
+        (A (spatial..., in, r), B (1, ..., 1, r, out)).
+      peft_module: the torch module PEFT adapts for it ('Linear', 'Embedding', 'Conv').
+      lookup_table: whether A is read by ids (rows initialised from a normal distribution).
+    """
+
+    name: str
+    base_leaf: str
+    layout: str
+    peft_module: str
+    lookup_table: bool = False
+
+
+KIND = {k.name: k for k in (Kind("dense", "kernel", MATRIX, "Linear"),
+                            Kind("dense_general", "kernel", MATRIX, "Linear"),
+                            Kind("einsum", "kernel", BROADCAST, "Linear"),
+                            Kind("conv", "kernel", CONV, "Conv"),
+                            Kind("embed", "embedding", MATRIX, "Embedding", lookup_table=True))}
+KINDS = tuple(KIND)
+BASE_LEAVES = tuple(dict.fromkeys(k.base_leaf for k in KIND.values()))  # the weights an adapted layer may hold
 
 
 def base_leaf_name(kind: str) -> str:
@@ -48,9 +77,21 @@ def base_leaf_name(kind: str) -> str:
     >>> base_leaf_name("embed"), base_leaf_name("conv")
     ('embedding', 'kernel')
     """
-    if kind not in KINDS:
+    if kind not in KIND:
         raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
-    return "embedding" if kind == "embed" else "kernel"
+    return KIND[kind].base_leaf
+
+
+def factor_layout(a_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> str:
+    """The layout (MATRIX | BROADCAST) stored factors hold an update in, read off the factors: the
+    one place a tree function tells them apart. The layouts are made to be told apart: BROADCAST
+    factors carry every axis of the weight plus the rank axis; MATRIX and CONV factors (CONV's
+    update is A·B like MATRIX's) carry at most the weight's axes.
+
+    >>> factor_layout((4, 1, 1, 2), (4, 3, 5)), factor_layout((6, 2), (6, 4))
+    ('broadcast', 'matrix')
+    """
+    return BROADCAST if len(a_shape) == len(weight_shape) + 1 else MATRIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +266,7 @@ def delta(lora_a: Array, lora_b: Array, shape: tuple[int, ...]) -> Array:
     >>> delta(jnp.ones((3, 1)), jnp.full((1, 2), 2.0), (3, 2)).tolist()
     [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
     """
-    if lora_a.ndim == len(shape) + 1:
+    if factor_layout(lora_a.shape, shape) == BROADCAST:
         return _broadcast_delta(lora_a, lora_b, shape)
     return jnp.matmul(lora_a, lora_b).reshape(shape)
 

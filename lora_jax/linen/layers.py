@@ -147,7 +147,7 @@ def _adapter_params(module, config, path, plan: Plan, kind, rank, scale, weight)
         a, b = read("lora_A"), read("lora_B")
     else:
         box = _boxer(scope.get_variable("params", base_leaf_name(kind)), kind, shapes, plan.einsum_axes)
-        init = a_initializer(config.init, shapes.fan_in, rank, lookup_table=kind == "embed")
+        init = a_initializer(config.init, shapes.fan_in, rank, lookup_table=kinds.KIND[kind].lookup_table)
         a = scope.param("lora_A", box(init, "a"), shapes.a, dtype)
         b = scope.param("lora_B", box(nn.initializers.zeros, "b"), shapes.b, dtype)
     extra = {}

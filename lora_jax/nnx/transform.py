@@ -135,7 +135,7 @@ def _adapt(module: Any, kind: str, where: str, config: LoraConfig, rngs: nnx.Rng
     check_variant_supported(plan, config.variant, where, kind)
     kinds.check_rank(rank, plan.shapes.n_in, plan.shapes.n_out, where)
     dtype = jnp.dtype(config.param_dtype)
-    init = a_initializer(config.init, plan.shapes.fan_in, rank, lookup_table=kind == "embed")
+    init = a_initializer(config.init, plan.shapes.fan_in, rank, lookup_table=kinds.KIND[kind].lookup_table)
     a = init(rngs.params(), stack + plan.shapes.a, dtype)
     b = jnp.zeros(stack + plan.shapes.b, dtype)
     module.lora_A, module.lora_B = nnx.LoRAParam(a), nnx.LoRAParam(b)

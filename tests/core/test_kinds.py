@@ -90,3 +90,12 @@ def test_low_rank_conv_is_a_conv_with_the_full_update():
     expected = np.stack([np.einsum("wc,wco->o", x[0, i:i + 3], full) for i in range(5)])[None]
     got = kinds.low_rank_conv(jnp.asarray(x, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), conv)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_factor_layout_reads_each_kinds_own_shapes():
+    from lora_jax.core.kinds import BROADCAST, MATRIX, KIND, conv_shapes, dense_general_shapes, dense_shapes, einsum_shapes, factor_layout, parse_einsum
+    ein = einsum_shapes((4, 2, 3), parse_einsum("bd,dhk->bhk", "e"), 2)
+    assert factor_layout(ein.a, (4, 2, 3)) == BROADCAST == KIND["einsum"].layout
+    assert factor_layout(dense_general_shapes((2, 3, 4, 5), 2, 2).a, (2, 3, 4, 5)) == MATRIX
+    assert factor_layout(conv_shapes((3, 3, 4, 8), 2).a, (3, 3, 4, 8)) != BROADCAST
+    assert factor_layout((7,) + dense_shapes((6, 4), 2).a, (7, 6, 4)) == MATRIX  # a scanned stack

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
 
 from .config import LoraConfig
 from .core.kinds import BROADCAST, delta, factor_layout
 from .fingerprint import check_base_fingerprint
-from .core.variants import ADAPTER_LEAVES
+from .core.variants import ADAPTER_LEAVES, FACTOR_PAIRS
 from .masking import partition, trainable_mask
 from .merge import base_leaf_key
 from .targets import path_str
@@ -50,8 +51,10 @@ def extract_adapter(params: Params, config: LoraConfig, metadata: dict | None = 
     >>> sorted(apply_adapter({"fc": {"kernel": np.ones((4, 3))}}, adapter)["fc"])
     ['kernel', 'lora_A', 'lora_B']
     """
-    trainable, _ = partition(params, trainable_mask(params, config))
-    return Adapter(trainable, config, dict(metadata or {}))
+    mask = traverse_util.flatten_dict(trainable_mask(params, config))
+    kept = {key: trains or key[-1] in config.variant.frozen for key, trains in mask.items()}  # + frozen variant leaves
+    adapter, _ = partition(params, traverse_util.unflatten_dict(kept))
+    return Adapter(adapter, config, dict(metadata or {}))
 
 
 def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
@@ -60,25 +63,27 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
     flat = traverse_util.flatten_dict(dict(adapter_params))
     for key, value in flat.items():
         module, leaf = key[:-1], key[-1]
-        if leaf in ADAPTER_LEAVES and leaf not in ("lora_A", "lora_B"):  # a variant's leaf, e.g. lora_magnitude
+        partners = {**FACTOR_PAIRS, **{b: a for a, b in FACTOR_PAIRS.items()}}
+        if leaf in ADAPTER_LEAVES and leaf not in partners:  # a variant's per-output leaf, e.g. lora_magnitude
             weight_key = base_leaf_key(flat_base, module)
             weight_shape = tuple(flat_base[weight_key].shape)
             if len(value.shape) != len(weight_shape) or any(d not in (1, w) for d, w in zip(value.shape, weight_shape)):
                 raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)}, which does not fit "
                                  f"the base leaf '{path_str(weight_key)}' of shape {weight_shape} (it needs that shape "
                                  f"with 1 on the contracted axes)")
-        elif leaf in ADAPTER_LEAVES:
+        elif leaf in ADAPTER_LEAVES:  # a factor: it and its partner must give an update of the weight's shape
             weight_key = base_leaf_key(flat_base, module)
             weight = flat_base[weight_key]
-            other = flat.get(module + ("lora_B" if leaf == "lora_A" else "lora_A",))
+            other = flat.get(module + (partners[leaf],))
             if other is None:
-                raise ValueError(f"adapter leaf '{path_str(key)}' has no partner lora_A/lora_B")
-            a, b = (value, other) if leaf == "lora_A" else (other, value)
+                raise ValueError(f"adapter leaf '{path_str(key)}' has no partner {partners[leaf]}")
+            a, b = (value, other) if leaf in FACTOR_PAIRS else (other, value)
+            a_name, b_name = (leaf, partners[leaf]) if leaf in FACTOR_PAIRS else (partners[leaf], leaf)
             try:
                 jax.eval_shape(functools.partial(delta, shape=tuple(weight.shape)), a, b)
             except (TypeError, ValueError):
-                raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)} (lora_A "
-                                 f"{tuple(a.shape)}, lora_B {tuple(b.shape)}), which does not fit the base leaf "
+                raise ValueError(f"adapter leaf '{path_str(key)}' has shape {tuple(value.shape)} ({a_name} "
+                                 f"{tuple(a.shape)}, {b_name} {tuple(b.shape)}), which does not fit the base leaf "
                                  f"'{path_str(weight_key)}' of shape {tuple(weight.shape)}") from None
         elif key not in flat_base:
             if any(k[:-1] == module for k in flat_base):  # a whole new module (a head) is fine; a stray leaf is not
@@ -339,8 +344,15 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig, *, str
     out = dict(flat)
     for module in sorted({k[:-1] for k in flat if k[-1] == "lora_A"}):
         slot_a, slot_b = flat[module + ("lora_A",)], flat[module + ("lora_B",)]
-        if module + ("lora_A",) not in new:
+        variant = config.variant
+        if module + ("lora_A",) not in new:  # a layer the adapter leaves alone: zero B, the variant's neutral leaves
             out[module + ("lora_B",)] = jnp.zeros_like(slot_b)
+            if variant.leaves:
+                weight = meta.unbox(flat[base_leaf_key(flat, module)])
+                neutral = variant.neutral_leaves(weight, {leaf: tuple(flat[module + (leaf,)].shape)
+                                                          for leaf in variant.leaves})
+                out.update({module + (leaf,): value.astype(flat[module + (leaf,)].dtype)
+                            for leaf, value in neutral.items()})
             continue
         if module + ("lora_B",) not in new:
             raise ValueError(f"the adapter's layer '{path_str(module)}' has lora_A but no lora_B (an incomplete "
@@ -353,8 +365,14 @@ def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig, *, str
         ratio = adapter.config.scale_for(rank) / config.scale_for(slots)
         out[module + ("lora_A",)] = _pad_to(a, tuple(slot_a.shape), module, "lora_A", rank).astype(slot_a.dtype)
         out[module + ("lora_B",)] = _pad_to(ratio * b, tuple(slot_b.shape), module, "lora_B", rank).astype(slot_b.dtype)
+        for leaf, role in variant.leaf_roles.items():  # a variant's own factors (scale-free): padded, not rescaled
+            if role in ("a", "b") and module + (leaf,) in new:
+                slot = flat[module + (leaf,)]
+                value = jnp.asarray(new[module + (leaf,)])
+                out[module + (leaf,)] = _pad_to(value, tuple(slot.shape), module, leaf, rank).astype(slot.dtype)
+    padded = {"lora_A", "lora_B"} | {leaf for leaf, role in config.variant.leaf_roles.items() if role in ("a", "b")}
     for key, value in new.items():
-        if key[-1] in ("lora_A", "lora_B"):
+        if key[-1] in padded:
             continue
         if key not in flat:
             raise ValueError(f"adapter leaf '{path_str(key)}' has no slot in the running model's params")

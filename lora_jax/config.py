@@ -10,13 +10,13 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from .core.variants import DORA, LORA, Variant
+from .core.variants import Variant, variant_of
 from .targets import matches, validate_patterns
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Literal["kaiming_uniform", "gaussian"]
+InitMode = Literal["kaiming_uniform", "gaussian", "pissa"]
 
-_INIT_MODES = ("kaiming_uniform", "gaussian")
+_INIT_MODES = ("kaiming_uniform", "gaussian", "pissa")
 _BIAS_MODES = ("none", "all", "lora_only")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _QUANTIZED_COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -37,7 +37,10 @@ class LoraConfig:
       targets: which layers get LoRA (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed).
       exclude: layers never targeted, even if ``targets`` matches them.
       dropout: dropout rate on the LoRA input; active only when the ``dropout_rng`` stream is given.
-      init: ``kaiming_uniform`` (PEFT's default for A) or ``gaussian`` (A ~ N(0, 1/r)).
+      init: ``kaiming_uniform`` (PEFT's default for A), ``gaussian`` (A ~ N(0, 1/r)) or ``pissa``
+        (PiSSA, PEFT's ``init_lora_weights='pissa'``: A and B start as the weight's top-r singular
+        directions, the base left untouched; Dense, DenseGeneral and Embed layers; see
+        ``core.variants.Pissa``).
       rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
       bias: which bias leaves train: ``none``, ``all``, or ``lora_only`` (biases of targeted layers).
       modules_to_save: modules whose parameters train in full (a classifier head, LayerNorms).
@@ -100,6 +103,7 @@ class LoraConfig:
         object.__setattr__(self, "use_dora", bool(self.use_dora))
         if self.init not in _INIT_MODES:
             raise ValueError(f"LoraConfig.init must be one of {_INIT_MODES}, got {self.init!r}")
+        variant_of(self)  # one variant: e.g. DoRA and PiSSA do not combine
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         if self.param_dtype not in _PARAM_DTYPES:
@@ -121,8 +125,9 @@ class LoraConfig:
 
     @property
     def variant(self) -> Variant:
-        """How the update enters the layer and the merge: ``DORA`` with ``use_dora``, else ``LORA``."""
-        return DORA if self.use_dora else LORA
+        """How the update enters the layer and the merge: ``DORA`` with ``use_dora``, ``PISSA`` with
+        ``init='pissa'``, else ``LORA`` (``core.variants.variant_of``)."""
+        return variant_of(self)
 
     def selects(self, path: str) -> bool:
         """Whether the layer at ``path`` is adapted: some target matches it and no exclude pattern does.

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from flax import traverse_util
 
 from .config import LoraConfig, require_config
-from .core.variants import ADAPTER_LEAVES
+from .core.variants import ADAPTER_LEAVES, FROZEN_ADAPTER_LEAVES
 from .targets import any_matches, path_str
 
 Params = Mapping[str, Any]
@@ -28,7 +28,7 @@ def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
 def _is_trainable(key: tuple[str, ...], module_leaves: set[str], config: LoraConfig) -> bool:
     leaf, module = key[-1], key[:-1]
     if leaf in ADAPTER_LEAVES:
-        return True
+        return leaf not in FROZEN_ADAPTER_LEAVES  # a variant's frozen leaves (PiSSA's initial factors) stay put
     if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and "lora_A" in module_leaves)):
         return True
     return any(any_matches(config.modules_to_save, path_str(module[:k])) for k in range(1, len(module) + 1))

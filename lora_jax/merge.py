@@ -46,7 +46,7 @@ def _variant_leaves(flat: dict, module: tuple[str, ...], config: LoraConfig, pop
     for leaf in config.variant.leaves:
         if module + (leaf,) not in flat:
             raise ValueError(f"layer '{path_str(module)}' has no {leaf}, which the config's '{config.variant.name}' "
-                             f"variant needs: set use_dora to match the adapter")
+                             f"variant needs: set the config's use_dora / init to match the adapter")
         out[leaf] = flat.pop(module + (leaf,)) if pop else flat[module + (leaf,)]
     return out
 
@@ -79,7 +79,7 @@ def merge(params: Params, config: LoraConfig) -> dict:
         if stray:
             raise ValueError(f"merge: layer '{path_str(module)}' holds {stray}, leaves of another LoRA variant than "
                              f"the config's '{config.variant.name}': a plain merge would drop them and give another "
-                             f"model. Set the config's use_dora to match the params")
+                             f"model. Set the config's use_dora / init to match the params")
     for module in modules:
         key = base_leaf_key(flat, module)
         a, b = meta.unbox(flat.pop(module + ("lora_A",))), meta.unbox(flat.pop(module + ("lora_B",)))

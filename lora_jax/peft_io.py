@@ -34,6 +34,7 @@ PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 EXPORT_NOTES = "lora_jax_export.json"  # name_map / flatten_order of an export, for import_peft
 EXPORT_NOTES_FORMAT = "lora_jax.peft_export"
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # PEFT inits that rewrite the base weight
 _UNSUPPORTED_FLAGS = ("use_qalora", "use_bdlora", "lora_bias", "fan_in_fan_out")
 
 
@@ -64,6 +65,22 @@ def _layout(flat: dict, module: tuple[str, ...], a: np.ndarray, b: np.ndarray) -
         return "linear", a.shape[0]
     raise ValueError(f"layer '{_module_name(module)}' (kernel {weight.shape}, lora_A {a.shape}) has no PEFT "
                      f"equivalent: Dense, DenseGeneral, Einsum, 2-D Conv and Embed layers export, stacked or not")
+
+
+def _as_plain_lora(adapter: dict, config: LoraConfig) -> dict:
+    """``adapter`` (flat) with each layer's factors and variant leaves replaced by the variant's plain
+    LoRA form (PiSSA: twice the rank, as PEFT's own conversion writes it), lora_B rescaled so the
+    config's scale at the new rank gives the same update."""
+    variant = config.variant
+    out = {k: v for k, v in adapter.items() if k[-1] not in variant.leaves}
+    for module in sorted({k[:-1] for k in adapter if k[-1] == "lora_A"}):
+        a, b = adapter[module + ("lora_A",)], adapter[module + ("lora_B",)]
+        scale = config.scale_for(a.shape[-1])
+        leaves = {leaf: adapter[module + (leaf,)] for leaf in variant.leaves}
+        a_plain, b_plain = (np.asarray(v, np.float32) for v in variant.as_plain_lora(a, b, leaves, scale))
+        out[module + ("lora_A",)] = a_plain
+        out[module + ("lora_B",)] = b_plain * (scale / config.scale_for(a_plain.shape[-1]))
+    return out
 
 
 def torch_module_name(path: str, name_map: Mapping[str, str] | None = None, index: int | None = None) -> str:
@@ -274,6 +291,8 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
     bad = nonfinite_leaves(traverse_util.unflatten_dict(adapter))
     if bad:
         raise ValueError(f"the adapter's leaves {bad[:5]} hold inf or NaN (training diverged?); nothing was exported")
+    if config.variant.peft_config is None:
+        adapter = _as_plain_lora(adapter, config)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     for key, value in adapter.items():
@@ -312,7 +331,8 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
     adapter_config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none",
-        "use_rslora": config.rslora, "use_dora": config.use_dora, "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_rslora": config.rslora, "use_dora": False, **(config.variant.peft_config or {}), "fan_in_fan_out": False,
+        "init_lora_weights": True,
         "inference_mode": True,
         "target_modules": [t.replace("/", ".") for t in config.targets] if plain else sorted(ranks),
         "modules_to_save": [m.replace("/", ".") for m in config.modules_to_save] or None,
@@ -362,6 +382,11 @@ def _read_peft_config(directory: Path) -> dict:
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of PEFT settings")
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory} holds a PEFT {data.get('peft_type')} adapter; only LORA is supported")
+    init = data.get("init_lora_weights")
+    if isinstance(init, str) and init.split("_niter_")[0] in _BASE_CHANGING_INITS:
+        raise ValueError(f"{directory} was saved with init_lora_weights={init!r}, which changes the base weights: its "
+                         f"factors fit PEFT's residual base only. Save it from PEFT as plain LoRA "
+                         f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and import that")
     enabled = [flag for flag in _UNSUPPORTED_FLAGS if data.get(flag)]
     if enabled:
         raise ValueError(f"{directory}: PEFT option(s) {enabled} are not supported by lora_jax (DoRA is: use_dora)")

@@ -41,10 +41,13 @@ from .boxes import replicated_like
 from .config import LoraConfig, require_config
 from .merge import merge
 from .core.dequantized_call import dequantized_call
+from .core.variants import ADAPTER_LEAVES
 from .safetensors_io import release_freed_memory
 from .core.quant import (Int8Weight, Nf4Weight, dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4,
                          quantize_stacked)
 from .targets import any_matches, path_str, validate_patterns
+
+VARIANT_LEAVES = ADAPTER_LEAVES[2:]  # every variant's leaves beside lora_A / lora_B
 
 Params = Mapping[str, Any]
 Format = Literal["int8", "nf4"]
@@ -205,7 +208,7 @@ def quantize(params: Params, config: LoraConfig, format: Format = "nf4",
       the NNX model with those kernels as ``QuantizedParam``.
 
     Raises:
-      ValueError: a chosen kernel holds NaN or inf; a chosen layer already has a DoRA magnitude
+      ValueError: a chosen kernel holds NaN or inf; a chosen layer already has variant leaves (a DoRA magnitude, PiSSA's initial factors)
         (computed from the float kernel: quantize first, then add the adapter); ``params`` are
         already quantized; a kernel looks stacked (``nn.scan``) but ``stacked=`` does not name it.
     """
@@ -294,11 +297,13 @@ class KernelQuantizer:
 
 
 def _check_layer(module: tuple[str, ...], kernel: Any, flat: dict, quantizer: KernelQuantizer) -> None:
-    """Refuse, before anything is quantized, a layer whose DoRA magnitude came from the float kernel, and a
-    kernel that carries a stack's leading axis (its bias does too) without ``stacked=`` naming it."""
+    """Refuse, before anything is quantized, a layer whose variant leaves (a DoRA magnitude, PiSSA's
+    initial factors) came from the float kernel, and a kernel that carries a stack's leading axis (its
+    bias does too) without ``stacked=`` naming it."""
     where = path_str(module)
-    if module + ("lora_magnitude",) in flat:
-        raise dora_before_quantize(where)
+    held = [leaf for leaf in VARIANT_LEAVES if module + (leaf,) in flat]
+    if held:
+        raise variant_before_quantize(where, held)
     bias = flat.get(module + ("bias",))
     shape = np.shape(kernel)
     if bias is not None and not _under(quantizer.stacked, module):
@@ -309,9 +314,9 @@ def _check_layer(module: tuple[str, ...], kernel: Any, flat: dict, quantizer: Ke
                              f"stacked=, e.g. stacked=('{module[0]}',), so that each layer is quantized on its own")
 
 
-def dora_before_quantize(where: str) -> ValueError:
-    return ValueError(f"layer '{where}' has a DoRA magnitude, computed from its float kernel: on the quantized kernel "
-                      f"the model would no longer start from the base. Quantize the base first, then add the adapter "
+def variant_before_quantize(where: str, leaves: list[str]) -> ValueError:
+    return ValueError(f"layer '{where}' has {leaves} (a DoRA magnitude, PiSSA's initial factors), computed from its "
+                      f"float kernel: on the quantized kernel the model would no longer start from the base. Quantize the base first, then add the adapter "
                       f"(linen: init_lora_params or apply_adapter on the quantized tree; NNX: lora(...) on the "
                       f"quantized model)")
 

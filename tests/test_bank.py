@@ -138,3 +138,28 @@ def test_an_nnx_model_serves_a_bank_and_hotswaps_in_place():
     np.testing.assert_allclose(out[2], Net(nnx.Rngs(0))(x)[2], atol=1e-5)
     assert lora_jax.hotswap_adapter(served, adapters[0][1], slots) is served
     np.testing.assert_allclose(served(x), adapters[0][0], atol=1e-5)
+
+
+def test_pissa_adapters_bank_and_hotswap_with_their_frozen_factors():
+    from experiments.mlp import MLP
+
+    x = jax.random.normal(jax.random.key(3), (4, 10))
+    base_model = MLP((16, 12, 3))
+    base = base_model.init(jax.random.key(0), x)["params"]
+    slots = lora_jax.LoraConfig(rank=4, alpha=8, targets=("fc1", "fc2"), init="pissa")
+    served = lora_jax.lora(base_model, slots)
+    params = lora_jax.init_lora_params(served, base, jax.random.key(1), x)
+    small = lora_jax.LoraConfig(rank=2, alpha=2, targets=("fc1",), init="pissa")  # other rank, scale, layers
+    own = lora_jax.lora(base_model, small)
+    trained = lora_jax.init_lora_params(own, base, jax.random.key(1), x)
+    trained["fc1"]["lora_B"] = trained["fc1"]["lora_B"] + 0.3
+    adapter = lora_jax.extract_adapter(trained, small)
+    assert set(adapter.params["fc1"]) == {"lora_A", "lora_B", "lora_A_init", "lora_B_init"}
+    want = own.apply({"params": trained}, x)
+    swapped = lora_jax.hotswap_adapter(params, adapter, slots)
+    np.testing.assert_allclose(served.apply({"params": swapped}, x), want, atol=1e-5)
+    bank = lora_jax.make_bank(params, [adapter], slots)
+    out = np.asarray(lora_jax.bank_apply(served, params, bank, jnp.array([0, -1, 0, -1]), x))
+    want, rows = np.asarray(want), np.array([0, 2])
+    np.testing.assert_allclose(out[rows], want[rows], atol=1e-5)
+    np.testing.assert_allclose(out[rows + 1], base_model.apply({"params": base}, x[rows + 1]), atol=1e-5)

@@ -577,3 +577,98 @@ def test_non_finite_or_misshapen_peft_tensors_are_named(tmp_path):
     params = lora_jax.lora(MLP((16, 3)), config).init(jax.random.key(0), jnp.ones((1, 10)))["params"]
     with pytest.raises(ValueError, match=r"lora_A of 'fc1' .* does not fit layer 'fc1'"):
         lora_jax.import_peft(tmp_path, base_params=params)
+
+
+# ---------------------------------------------------------------- PiSSA: a second variant, against peft
+
+
+def _torch_mlp():
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    return Mlp()
+
+
+def _flax_mlp():
+    import flax.linen as nn
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(5, name="fc2")(jnp.tanh(nn.Dense(8, name="fc1")(x)))
+
+    return Mlp()
+
+
+@needs_torch
+def test_pissa_matches_peft_at_init_after_training_and_in_both_conversions(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    original = _torch_mlp().eval()
+    t = lambda v: v.detach().numpy().copy()
+    base_params = {n: {"kernel": t(getattr(original, n).weight).T, "bias": t(getattr(original, n).bias)}
+                   for n in ("fc1", "fc2")}
+    theirs = peft.get_peft_model(copy.deepcopy(original), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights="pissa")).eval()
+    theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the conversion's reference
+    theirs.save_pretrained(str(tmp_path / "start"))
+    x = np.random.RandomState(0).randn(4, 6).astype(np.float32)
+
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), init="pissa")
+    model = lora_jax.lora(_flax_mlp(), config)
+    params = lora_jax.init_lora_params(model, base_params, jax.random.key(0), jnp.asarray(x))
+    layers = {n: getattr(theirs.base_model.model, n) for n in ("fc1", "fc2")}
+    for name, layer in layers.items():  # scale·A·B: the weight's top-2 singular part, as PEFT's
+        w = base_params[name]["kernel"].astype(np.float64)
+        u, s, vh = np.linalg.svd(w, full_matrices=False)
+        top = (u[:, :2] * s[:2]) @ vh[:2]
+        ours = 2.0 * np.asarray(params[name]["lora_A"], np.float64) @ np.asarray(params[name]["lora_B"])
+        peft_part = 2.0 * (t(layer.lora_B["default"].weight) @ t(layer.lora_A["default"].weight)).T
+        np.testing.assert_allclose(ours, top, atol=1e-5)
+        np.testing.assert_allclose(peft_part, top, atol=1e-5)
+    with torch.no_grad():
+        base_out = original(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)), base_out, atol=1e-5)
+    mask = lora_jax.trainable_mask(params, config)
+    assert not mask["fc1"]["lora_A_init"] and not mask["fc1"]["lora_B_init"] and mask["fc1"]["lora_A"]
+
+    # "training": both sides' A and B moved to the same values
+    gen = np.random.RandomState(1)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+                factor.weight.add_(torch.tensor(0.3 * gen.randn(*factor.weight.shape).astype(np.float32)))
+            params[name]["lora_A"] = jnp.asarray(t(layer.lora_A["default"].weight).T)
+            params[name]["lora_B"] = jnp.asarray(t(layer.lora_B["default"].weight).T)
+        trained = theirs(torch.tensor(x)).numpy()
+    ours = np.asarray(model.apply({"params": params}, x))
+    print(f"PiSSA, trained factors: max |ours - PEFT| = {np.abs(ours - trained).max():.2e}")
+    np.testing.assert_allclose(ours, trained, atol=1e-5)
+    merged = _flax_mlp().apply({"params": lora_jax.merge(params, config)}, x)
+    np.testing.assert_allclose(np.asarray(merged), trained, atol=1e-5)
+
+    # ours out: a plain LoRA of rank 4 that PEFT loads onto the original (untouched) base
+    lora_jax.export_peft(tmp_path / "ours", params, config)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(torch.tensor(x)).numpy(), trained, atol=1e-5)
+
+    # PEFT's own conversion in: the same model on the original base, as plain LoRA
+    theirs.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "start"))
+    adapter = lora_jax.import_peft(tmp_path / "converted", base_params=base_params)
+    back = lora_jax.lora(_flax_mlp(), adapter.config).apply(
+        {"params": lora_jax.apply_adapter(base_params, adapter)}, x)
+    np.testing.assert_allclose(np.asarray(back), trained, atol=1e-5)
+
+    # an unconverted PiSSA folder fits PEFT's residual base only: refused with the way out
+    theirs.peft_config["default"].init_lora_weights = "pissa"
+    theirs.save_pretrained(str(tmp_path / "residual"))
+    with pytest.raises(ValueError, match="changes the base weights.*path_initial_model_for_weight_conversion"):
+        lora_jax.import_peft(tmp_path / "residual")

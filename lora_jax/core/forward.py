@@ -40,6 +40,7 @@ class Plan:
         is not supported.
       uses_dropout: whether LoRA dropout applies to the input (not to an embedding's ids).
       einsum_axes: the parsed spec of an einsum layer (for sharding names).
+      layout: how the layer's factors hold its update (``kinds.MATRIX`` | BROADCAST | CONV).
     """
 
     shapes: kinds.FactorShapes
@@ -47,6 +48,7 @@ class Plan:
     base_term: Callable[[Array], Array] | None
     uses_dropout: bool = True
     einsum_axes: kinds.EinsumAxes | None = None
+    layout: str = kinds.MATRIX
 
 
 def split_input(args: tuple, kwargs: dict) -> tuple[Array, tuple, dict]:
@@ -63,10 +65,13 @@ def split_input(args: tuple, kwargs: dict) -> tuple[Array, tuple, dict]:
 
 
 def check_variant_supported(plan: Plan, variant: Variant, where: str, what: str) -> None:
-    """NotImplementedError naming the layer if ``variant`` needs a base term this call cannot give."""
-    if variant.leaves and plan.base_term is None:
+    """NotImplementedError naming the layer if ``variant`` does not support its factor layout or
+    needs a base term this call cannot give."""
+    if plan.layout not in variant.layouts or (variant.uses_base_term and plan.base_term is None):
+        supported = "Dense, DenseGeneral and Embed" if variant.layouts == (kinds.MATRIX,) else \
+            "Dense, DenseGeneral, Conv and Embed"
         raise NotImplementedError(f"LoRA variant '{variant.name}' is not supported on layer '{where}' ({what}); it "
-                                  f"supports Dense, DenseGeneral, Conv and Embed calls")
+                                  f"supports {supported} calls")
 
 
 def adapted_output(plan: Plan, *, x: Array, base_out: Array, weight: Array, bias: Array | None, a: Array, b: Array,
@@ -80,9 +85,10 @@ def adapted_output(plan: Plan, *, x: Array, base_out: Array, weight: Array, bias
     dropped = dropout(x, dropout_rate, dropout_key) if plan.uses_dropout and dropout_key is not None else x
     update = scale * plan.update(dropped, a, b)
     out_ndim = plan.shapes.out_ndim
+    low_rank = lambda a_, b_: plan.update(x, a_, b_)  # other factors on the undropped input
     if not variant.leaves:  # plain LoRA needs neither the weight update nor the base term
         return variant.output(base_out, update, leaves=leaves, weight=weight, scaled_delta=None, base_term=None,
-                              out_ndim=out_ndim)
+                              low_rank=low_rank, out_ndim=out_ndim)
 
     def base_term() -> Array:
         if dropped is x:  # the frozen layer already saw this input: reuse its output, less the bias
@@ -93,4 +99,4 @@ def adapted_output(plan: Plan, *, x: Array, base_out: Array, weight: Array, bias
         return scale * kinds.delta(a.astype(jnp.float32), b.astype(jnp.float32), tuple(weight.shape))
 
     return variant.output(base_out, update, leaves=leaves, weight=weight, scaled_delta=scaled_delta,
-                          base_term=base_term, out_ndim=out_ndim)
+                          base_term=base_term, low_rank=low_rank, out_ndim=out_ndim)

@@ -52,6 +52,6 @@ def a_initializer(mode: str, fan_in: int, rank: int, lookup_table: bool = False)
             return jax.random.normal(key, shape, dtype) / rank
 
         return init
-    if mode == "kaiming_uniform":
+    if mode in ("kaiming_uniform", "pissa"):  # PiSSA's factors are then set from the weight (core.variants)
         return kaiming_uniform(fan_in)
     raise ValueError(f"unknown lora_A init {mode!r}: use 'kaiming_uniform' or 'gaussian'")

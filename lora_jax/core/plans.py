@@ -125,7 +125,7 @@ def _einsum(reading: LayerReading, rank: int, where: str, method: str) -> Plan:
     def update(x, a, b):
         return kinds.low_rank_einsum(x, a, b, shape, axes, compute_dtype(reading, x), precision)
 
-    return Plan(kinds.einsum_shapes(shape, axes, rank), update, None, einsum_axes=axes)
+    return Plan(kinds.einsum_shapes(shape, axes, rank), update, None, einsum_axes=axes, layout=kinds.BROADCAST)
 
 
 def _conv(reading: LayerReading, rank: int, where: str, method: str) -> Plan:
@@ -137,7 +137,7 @@ def _conv(reading: LayerReading, rank: int, where: str, method: str) -> Plan:
     def update(x, a, b):
         return kinds.low_rank_conv(x, a, b, conv, reading.precision)
 
-    return Plan(kinds.conv_shapes(tuple(weight.shape), rank), update, lambda x: conv(x, weight))
+    return Plan(kinds.conv_shapes(tuple(weight.shape), rank), update, lambda x: conv(x, weight), layout=kinds.CONV)
 
 
 def _embed(reading: LayerReading, rank: int, where: str, method: str) -> Plan:

@@ -19,13 +19,18 @@ class here plus its tests.
 (1, out); Conv (kh, kw, in, out) -> (1, 1, 1, out)), so it broadcasts against the weight, stacked
 (``nn.scan``) layers included.
 
-Where the next variants plug in: a quantized base passes the dequantized weight as ``weight``
-(and its own ``base_term``); an adapter bank (one adapter per example) gathers each row's A / B
-before the front end computes ``update``, and reuses ``LORA.output`` unchanged.
+* ``PISSA`` (``init='pissa'``): A and B start as the weight's principal part, which the layer
+  subtracts through frozen copies of them (``Pissa``).
+
+A variant declares its leaves (which of them train, and their roles: factor-like or per-output),
+its neutral value (a bank's "no adapter" row), whether adapters combine linearly, the layouts it
+supports, its config flag (``selected_by``) and its plain-LoRA form for PEFT files; front ends,
+merge, banks, hotswap and PEFT IO read these and never a variant's name. A quantized base passes
+the dequantized weight as ``weight``.
 
     >>> import jax.numpy as jnp
     >>> w = jnp.array([[3.0], [4.0]])              # (in=2, out=1): column norm 5
-    >>> leaves = DORA.init_leaves(w, jnp.zeros_like(w), out_ndim=1)
+    >>> leaves = DORA.init_leaves(w, jnp.zeros((2, 1)), jnp.zeros((1, 1)), scale=1.0, out_ndim=1)
     >>> leaves["lora_magnitude"].tolist()
     [[5.0]]
     >>> DORA.merge(w, jnp.zeros_like(w), leaves).tolist()   # m = ||W||: merge is the identity
@@ -34,13 +39,16 @@ before the front end computes ``update``, and reuses ``LORA.output`` unchanged.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
 
+from .kinds import BROADCAST, CONV, MATRIX, delta
+
 Array = jax.Array
 Lazy = Callable[[], Array]
+LowRank = Callable[[Array, Array], Array]
 
 
 class Variant(Protocol):
@@ -48,11 +56,25 @@ class Variant(Protocol):
 
     name: str
     label: str  # for messages: "plain LoRA", "DoRA"
-    leaves: tuple[str, ...]  # adapter leaves beside lora_A / lora_B
+    flag: str  # the LoraConfig setting that selects it, for messages: "use_dora=True"
+    leaves: tuple[str, ...]  # adapter leaves beside lora_A / lora_B (saved with the adapter)
+    frozen: tuple[str, ...]  # those of ``leaves`` that do not train
+    leaf_roles: Mapping[str, str]  # leaf -> 'a' | 'b' (shaped like lora_A / lora_B) | 'magnitude'
     combines_linearly: bool  # a weighted sum of adapters is an adapter (add_weighted_adapter)
+    layouts: tuple[str, ...]  # the factor layouts it supports (``kinds.MATRIX`` ...)
+    uses_base_term: bool  # its output needs dropout(x) through the frozen weight
+    peft_config: Mapping[str, Any] | None  # adapter_config.json settings of its PEFT files; None: plain LoRA form
 
-    def init_leaves(self, weight: Array, scaled_delta: Array, out_ndim: int) -> dict[str, Array]:
-        """The extra leaves' initial values, given the frozen weight and scale·A·B at init."""
+    def selected_by(self, config: Any) -> bool:
+        """Whether a ``LoraConfig`` asks for this variant."""
+        ...
+
+    def init_factors(self, weight: Array, a: Array, b: Array, scale: float) -> tuple[Array, Array]:
+        """lora_A / lora_B at init, given the frozen weight and the default ones (A drawn, B zero)."""
+        ...
+
+    def init_leaves(self, weight: Array, a: Array, b: Array, scale: float, out_ndim: int) -> dict[str, Array]:
+        """The extra leaves' initial values, given the frozen weight and the factors at init."""
         ...
 
     def neutral_leaves(self, weight: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Array]:
@@ -61,8 +83,9 @@ class Variant(Protocol):
         ...
 
     def output(self, base_out: Array, update: Array, *, leaves: Mapping[str, Array], weight: Array,
-               scaled_delta: Lazy, base_term: Lazy, out_ndim: int) -> Array:
-        """The adapted layer's output. ``base_term()`` is dropout(x) through ``weight`` without bias."""
+               scaled_delta: Lazy, base_term: Lazy, low_rank: LowRank | None = None, out_ndim: int) -> Array:
+        """The adapted layer's output. ``base_term()`` is dropout(x) through ``weight`` without bias;
+        ``low_rank(a, b)`` the unscaled low-rank product of the undropped input with other factors."""
         ...
 
     def merge(self, weight: Array, scaled_delta: Array, leaves: Mapping[str, Array]) -> Array:
@@ -73,22 +96,39 @@ class Variant(Protocol):
         """Inverse of ``merge``."""
         ...
 
+    def as_plain_lora(self, a: Array, b: Array, leaves: Mapping[str, Array], scale: float) -> tuple[Array, Array]:
+        """Plain LoRA factors (A', B') with ``scale · A'·B'`` the variant's weight update (a PEFT file
+        of plain LoRA); ValueError where the variant's update is not low-rank."""
+        ...
+
 
 class PlainLora:
     """``y = base(x) + scale · f(dropout(x); A, B)``; merged ``W + scale · A·B``."""
 
     name = "lora"
     label = "plain LoRA"
+    flag = "use_dora=False, init='kaiming_uniform' or 'gaussian'"
     leaves: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+    leaf_roles: Mapping[str, str] = {}
     combines_linearly = True
+    layouts = (MATRIX, BROADCAST, CONV)
+    uses_base_term = False
+    peft_config: Mapping[str, Any] | None = {"use_dora": False}
 
-    def init_leaves(self, weight: Array, scaled_delta: Array, out_ndim: int) -> dict[str, Array]:
+    def selected_by(self, config: Any) -> bool:
+        return not config.use_dora and config.init != "pissa"
+
+    def init_factors(self, weight, a, b, scale):
+        return a, b
+
+    def init_leaves(self, weight, a, b, scale, out_ndim):
         return {}
 
     def neutral_leaves(self, weight: Array, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Array]:
         return {}
 
-    def output(self, base_out, update, *, leaves, weight, scaled_delta, base_term, out_ndim):
+    def output(self, base_out, update, *, leaves, weight, scaled_delta, base_term, low_rank=None, out_ndim):
         return base_out + update.astype(base_out.dtype)
 
     def merge(self, weight, scaled_delta, leaves):
@@ -96,6 +136,9 @@ class PlainLora:
 
     def unmerge(self, merged, scaled_delta, leaves):
         return merged - scaled_delta
+
+    def as_plain_lora(self, a, b, leaves, scale):
+        return a, b
 
 
 def magnitude_shape(weight_shape: tuple[int, ...], out_ndim: int) -> tuple[int, ...]:
@@ -127,12 +170,25 @@ class Dora:
 
     name = "dora"
     label = "DoRA"
+    flag = "use_dora=True"
     leaves: tuple[str, ...] = ("lora_magnitude",)
+    frozen: tuple[str, ...] = ()
+    leaf_roles: Mapping[str, str] = {"lora_magnitude": "magnitude"}
     combines_linearly = False  # a magnitude rescales its own W + ΔW: mixes of them are no DoRA update
+    layouts = (MATRIX, CONV)  # an einsum layer has no base term (dropout(x) through W) to rescale
+    uses_base_term = True
+    peft_config: Mapping[str, Any] | None = {"use_dora": True}
 
-    def init_leaves(self, weight, scaled_delta, out_ndim):
+    def selected_by(self, config: Any) -> bool:
+        return bool(config.use_dora)
+
+    def init_factors(self, weight, a, b, scale):
+        return a, b
+
+    def init_leaves(self, weight, a, b, scale, out_ndim):
         like = magnitude_shape(tuple(weight.shape), out_ndim)
-        return {"lora_magnitude": output_norm(weight.astype(jnp.float32) + scaled_delta, like)}
+        scaled = scale * delta(a.astype(jnp.float32), b.astype(jnp.float32), tuple(weight.shape))
+        return {"lora_magnitude": output_norm(weight.astype(jnp.float32) + scaled, like)}
 
     def neutral_leaves(self, weight, shapes):
         return {"lora_magnitude": output_norm(weight, tuple(shapes["lora_magnitude"]))}  # m = ||W||: gain 1
@@ -142,7 +198,7 @@ class Dora:
         norm = jnp.where(norm > 0, norm, 1.0)  # an all-zero column: gain m, output m·0 (not 0/0 = NaN)
         return magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
 
-    def output(self, base_out, update, *, leaves, weight, scaled_delta, base_term, out_ndim):
+    def output(self, base_out, update, *, leaves, weight, scaled_delta, base_term, low_rank=None, out_ndim):
         gain = self._gain(weight, scaled_delta(), leaves["lora_magnitude"])
         gain = gain.reshape(gain.shape[gain.ndim - out_ndim:])  # the output axes, trailing in the layer's output
         dora = (gain - 1.0) * base_term().astype(jnp.float32) + gain * update.astype(jnp.float32)
@@ -157,11 +213,86 @@ class Dora:
                          "magnitude and drops ||W + ΔW||. merge is pure, so keep the unmerged params it was given "
                          "(or reload the base) instead of calling unmerge")
 
+    def as_plain_lora(self, a, b, leaves, scale):
+        raise ValueError("a DoRA update rescales W + ΔW per output: it is no low-rank update, so it has no plain "
+                         "LoRA form (export it with PEFT's use_dora instead)")
+
+
+class Pissa:
+    """PiSSA (Meng et al. 2024; PEFT's ``init_lora_weights='pissa'``): A and B start as the weight's
+    top-r singular directions, ``scale · A₀·B₀ = U_r S_r V_rᵀ``, so training moves the principal part.
+
+    PEFT subtracts ``scale · A₀·B₀`` from the base weight; here the base stays untouched and the
+    layer keeps ``lora_A_init = A₀`` and ``lora_B_init = scale · B₀`` (frozen, saved with the
+    adapter): ``y = base(x) + scale · f(dropout(x); A, B) - f(x; A₀, scale · B₀)``, which is PEFT's
+    model exactly (its residual weight receives the undropped input). Merged:
+    ``W + scale · A·B - A₀ · scale·B₀``; as plain LoRA of twice the rank (PEFT's conversion):
+    ``A' = [A, A₀]``, ``B' = [B; -B₀]``. Matrix-shaped kernels only (Dense, DenseGeneral, Embed).
+    """
+
+    name = "pissa"
+    label = "PiSSA"
+    flag = "init='pissa'"
+    leaves: tuple[str, ...] = ("lora_A_init", "lora_B_init")
+    frozen: tuple[str, ...] = ("lora_A_init", "lora_B_init")
+    leaf_roles: Mapping[str, str] = {"lora_A_init": "a", "lora_B_init": "b"}
+    combines_linearly = False  # each adapter carries its own subtracted principal part
+    layouts = (MATRIX,)
+    uses_base_term = False
+    peft_config: Mapping[str, Any] | None = None  # PEFT's own PiSSA files need its residual base: export as LoRA
+
+    def selected_by(self, config: Any) -> bool:
+        return config.init == "pissa"
+
+    def init_factors(self, weight, a, b, scale):
+        rank, n_in, n_out = a.shape[-1], a.shape[-2], b.shape[-1]
+        u, s, vh = jnp.linalg.svd(weight.astype(jnp.float32).reshape(n_in, n_out), full_matrices=False)
+        root = jnp.sqrt(s[:rank] / scale)
+        return (u[:, :rank] * root).astype(a.dtype), (root[:, None] * vh[:rank]).astype(b.dtype)
+
+    def init_leaves(self, weight, a, b, scale, out_ndim):
+        return {"lora_A_init": a, "lora_B_init": scale * b}
+
+    def neutral_leaves(self, weight, shapes):
+        return {name: jnp.zeros(shapes[name], jnp.float32) for name in shapes if name in self.leaves}
+
+    def _initial(self, leaves, shape):
+        return delta(leaves["lora_A_init"].astype(jnp.float32), leaves["lora_B_init"].astype(jnp.float32), shape)
+
+    def output(self, base_out, update, *, leaves, weight, scaled_delta, base_term, low_rank=None, out_ndim):
+        initial = low_rank(leaves["lora_A_init"], leaves["lora_B_init"])
+        return base_out + (update - initial).astype(base_out.dtype)
+
+    def merge(self, weight, scaled_delta, leaves):
+        return weight + scaled_delta - self._initial(leaves, tuple(weight.shape))
+
+    def unmerge(self, merged, scaled_delta, leaves):
+        return merged - scaled_delta + self._initial(leaves, tuple(merged.shape))
+
+    def as_plain_lora(self, a, b, leaves, scale):
+        a_init, b_init = leaves["lora_A_init"].astype(a.dtype), leaves["lora_B_init"].astype(b.dtype)
+        return jnp.concatenate([a, a_init], axis=-1), jnp.concatenate([b, -b_init / scale], axis=-2)
+
 
 LORA = PlainLora()
 DORA = Dora()
-VARIANTS = (LORA, DORA)
+PISSA = Pissa()
+VARIANTS = (LORA, DORA, PISSA)
 ADAPTER_LEAVES: tuple[str, ...] = ("lora_A", "lora_B") + tuple(leaf for v in VARIANTS for leaf in v.leaves)
+FROZEN_ADAPTER_LEAVES: frozenset[str] = frozenset(leaf for v in VARIANTS for leaf in v.frozen)
+# factor pairs (A-like, B-like) of every variant: lora_A / lora_B, PiSSA's lora_A_init / lora_B_init
+FACTOR_PAIRS: dict[str, str] = {"lora_A": "lora_B", **{
+    a: b for v in VARIANTS for a, b in zip([k for k, r in v.leaf_roles.items() if r == "a"],
+                                           [k for k, r in v.leaf_roles.items() if r == "b"])}}
+
+
+def variant_of(config: Any) -> Variant:
+    """The variant a ``LoraConfig`` selects; ValueError if its settings ask for more than one."""
+    chosen = [v for v in VARIANTS if v.selected_by(config)]
+    if len(chosen) != 1:
+        raise ValueError(f"LoraConfig selects {[v.label for v in chosen] or 'no'} variants ("
+                         f"{', '.join(v.flag for v in chosen)}): choose one")
+    return chosen[0]
 
 
 def foreign_leaves(variant: Variant, has: Callable[[str], bool]) -> list[str]:

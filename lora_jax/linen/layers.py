@@ -141,27 +141,34 @@ def _adapter_params(module, config, path, plan: Plan, kind, rank, scale, weight)
     stray = foreign_leaves(variant, lambda leaf: scope.has_variable("params", leaf))
     if stray:
         raise ValueError(f"layer '{path}' holds {stray}, leaves of another LoRA variant than '{variant.name}': "
-                         f"set the config's use_dora to match the adapter")
+                         f"set the config's use_dora / init to match the adapter")
     read = lambda name: nn.meta.unbox(scope.get_variable("params", name))
     if scope.has_variable("params", "lora_A"):  # read, not re-declared: a layer may run twice per call
         a, b = read("lora_A"), read("lora_B")
     else:
         box = _boxer(scope.get_variable("params", base_leaf_name(kind)), kind, shapes, plan.einsum_axes)
-        init = a_initializer(config.init, shapes.fan_in, rank, lookup_table=kinds.KIND[kind].lookup_table)
-        a = scope.param("lora_A", box(init, "a"), shapes.a, dtype)
-        b = scope.param("lora_B", box(nn.initializers.zeros, "b"), shapes.b, dtype)
+        default_a = a_initializer(config.init, shapes.fan_in, rank, lookup_table=kinds.KIND[kind].lookup_table)
+
+        def factor(index: int):  # the variant's factors at init, from the default ones (A drawn, B zero)
+            def init(key, shape, dtype):
+                factors = variant.init_factors(weight, default_a(key, shape if index == 0 else shapes.a, dtype),
+                                               jnp.zeros(shapes.b, dtype), scale)
+                return factors[index].astype(dtype)
+            return init
+
+        a = scope.param("lora_A", box(factor(0), "a"), shapes.a, dtype)
+        b = scope.param("lora_B", box(factor(1), "b"), shapes.b, dtype)
     extra = {}
     for name in variant.leaves:
         if scope.has_variable("params", name):
             extra[name] = read(name)
         elif scope.is_mutable_collection("params"):
             box = _boxer(scope.get_variable("params", base_leaf_name(kind)), kind, shapes, plan.einsum_axes)
-            scaled = scale * kinds.delta(a.astype(jnp.float32), b.astype(jnp.float32), tuple(weight.shape))
-            value = variant.init_leaves(weight, scaled, shapes.out_ndim)[name].astype(dtype)
-            extra[name] = scope.param(name, box(lambda *_: value, "magnitude"))
+            value = variant.init_leaves(weight, a, b, scale, shapes.out_ndim)[name].astype(dtype)
+            extra[name] = scope.param(name, box(lambda *_: value, variant.leaf_roles[name]))
         else:
-            raise ValueError(f"layer '{path}' is a {variant.name} target but its params hold no {name}: the "
-                             f"adapter was trained without it; set use_dora to match the adapter")
+            raise ValueError(f"layer '{path}' is a {variant.label} target but its params hold no {name}: the "
+                             f"adapter was trained without it; set the config's {variant.flag} only to match it")
     return a, b, extra
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal, Sequence
 from flax import nnx
 
 from ..config import LoraConfig, require_config
-from ..quantize import Format, KernelQuantizer, check_chosen, dora_before_quantize, quantize_array
+from ..quantize import VARIANT_LEAVES, Format, KernelQuantizer, check_chosen, quantize_array, variant_before_quantize
 from .transform import is_adapted, nnx_layer_kind, one_layer_ndim, quantized_class
 from .variables import QuantizedParam
 
@@ -42,8 +42,9 @@ def _quantize_layers(model: nnx.Module, quantizer: KernelQuantizer, layers: str,
         if not quantizer.selected(tuple(str(p) for p in path)):
             continue
         where = "/".join(str(p) for p in path)
-        if hasattr(module, "lora_magnitude"):
-            raise dora_before_quantize(where)
+        held = [leaf for leaf in VARIANT_LEAVES if hasattr(module, leaf)]
+        if held:
+            raise variant_before_quantize(where, held)
         chosen.append((where, module, kind))
     for where, module, kind in chosen:
         kernel = module.kernel[...]

@@ -138,14 +138,17 @@ def _adapt(module: Any, kind: str, where: str, config: LoraConfig, rngs: nnx.Rng
     init = a_initializer(config.init, plan.shapes.fan_in, rank, lookup_table=kinds.KIND[kind].lookup_table)
     a = init(rngs.params(), stack + plan.shapes.a, dtype)
     b = jnp.zeros(stack + plan.shapes.b, dtype)
+    variant, scale = config.variant, config.scale_for(rank)
+
+    def layer_init(w: Array, a: Array, b: Array) -> tuple:  # one layer's factors and leaves at init
+        a, b = variant.init_factors(w, a, b, scale)
+        return a.astype(dtype), b.astype(dtype), variant.init_leaves(w, a, b, scale, plan.shapes.out_ndim)
+
+    for _ in range(n_stack):  # layers stacked by nnx.vmap / scan: each its own
+        layer_init = jax.vmap(layer_init)
+    a, b, extra = layer_init(weight, a, b)
     module.lora_A, module.lora_B = nnx.LoRAParam(a), nnx.LoRAParam(b)
-
-    def extra_leaves(w: Array) -> dict:
-        return config.variant.init_leaves(w, jnp.zeros(w.shape, jnp.float32), plan.shapes.out_ndim)
-
-    for _ in range(n_stack):  # one magnitude per stacked layer
-        extra_leaves = jax.vmap(extra_leaves)
-    for name, value in extra_leaves(weight).items():
+    for name, value in extra.items():
         setattr(module, name, nnx.LoRAParam(value.astype(dtype)))
     module.lora_config = config.replace(rank=rank, rank_pattern=())
     module.lora_path = where

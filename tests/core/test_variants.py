@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.core.variants import DORA, LORA, magnitude_shape, output_norm
+from lora_jax.core.variants import DORA, LORA, PISSA, magnitude_shape, output_norm, variant_of
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_dora_on_an_all_zero_column_stays_finite_and_zero_there(layer):
     w, x = layer["w"].copy(), layer["x"]
     w[:, 1] = 0.0  # a dead output unit: ||W + ΔW|| = 0 there at init
     f32 = lambda v: jnp.asarray(v, jnp.float32)
-    m = DORA.init_leaves(f32(w), jnp.zeros((5, 3)), out_ndim=1)
+    m = DORA.init_leaves(f32(w), jnp.zeros((5, 1)), jnp.zeros((1, 3)), 1.0, out_ndim=1)
     out = DORA.output(f32(x @ w), jnp.zeros((4, 3)), leaves=m, weight=f32(w), scaled_delta=lambda: jnp.zeros((5, 3)),
                       base_term=lambda: f32(x @ w), out_ndim=1)
     np.testing.assert_allclose(out, x @ w, rtol=1e-5, atol=1e-6)  # the base, column 1 = 0 (not NaN)
@@ -82,3 +82,38 @@ def test_the_neutral_dora_magnitude_is_the_weights_column_norm(layer):
     neutral = DORA.neutral_leaves(w, {"lora_magnitude": (1, 3)})["lora_magnitude"]
     np.testing.assert_allclose(neutral, np.linalg.norm(layer["w"], axis=0, keepdims=True), rtol=1e-6)
     assert LORA.neutral_leaves(w, {}) == {}
+
+
+def test_pissa_starts_at_the_principal_part_subtracts_it_and_merges_to_its_update(layer):
+    w, x = layer["w"], layer["x"]
+    scale = 2.0
+    a, b = PISSA.init_factors(jnp.asarray(w, jnp.float32), jnp.zeros((5, 2)), jnp.zeros((2, 3)), scale)
+    u, s, vh = np.linalg.svd(w, full_matrices=False)
+    np.testing.assert_allclose(scale * np.asarray(a, np.float64) @ np.asarray(b), (u[:, :2] * s[:2]) @ vh[:2],
+                               atol=1e-5)
+    leaves = PISSA.init_leaves(jnp.asarray(w), a, b, scale, out_ndim=1)
+    low_rank = lambda a_, b_: jnp.asarray(x, jnp.float32) @ a_ @ b_
+    base_out = jnp.asarray(x @ w, jnp.float32)
+    at_init = PISSA.output(base_out, scale * low_rank(a, b), leaves=leaves, weight=w, scaled_delta=None,
+                           base_term=None, low_rank=low_rank, out_ndim=1)
+    np.testing.assert_allclose(at_init, x @ w, atol=1e-5)  # the model is unchanged at init
+    a2, b2 = a + 0.1, b - 0.2  # trained factors: output = x (W - A0·B0·s + s·A·B)
+    want = x @ (w - scale * np.asarray(a, np.float64) @ np.asarray(b) + scale * np.asarray(a2, np.float64) @ np.asarray(b2))
+    out = PISSA.output(base_out, scale * low_rank(a2, b2), leaves=leaves, weight=w, scaled_delta=None,
+                       base_term=None, low_rank=low_rank, out_ndim=1)
+    np.testing.assert_allclose(out, want, atol=1e-4)
+    merged = PISSA.merge(jnp.asarray(w, jnp.float32), scale * a2 @ b2, leaves)
+    np.testing.assert_allclose(x @ np.asarray(merged, np.float64), want, atol=1e-4)
+    np.testing.assert_allclose(PISSA.unmerge(merged, scale * a2 @ b2, leaves), w, atol=1e-5)
+    a3, b3 = PISSA.as_plain_lora(a2, b2, leaves, scale)  # plain LoRA of twice the rank, same update
+    assert a3.shape == (5, 4) and b3.shape == (4, 3)
+    np.testing.assert_allclose(x @ (w + scale * np.asarray(a3, np.float64) @ np.asarray(b3)), want, atol=1e-4)
+    none = PISSA.neutral_leaves(jnp.asarray(w), {"lora_A_init": (5, 2), "lora_B_init": (2, 3)})
+    assert all(float(jnp.abs(v).max()) == 0 for v in none.values())
+
+
+def test_one_variant_per_config():
+    config = type("C", (), {"use_dora": True, "init": "pissa"})()
+    with pytest.raises(ValueError, match="DoRA.*PiSSA.*choose one"):
+        variant_of(config)
+    assert variant_of(type("C", (), {"use_dora": False, "init": "pissa"})()) is PISSA

@@ -376,3 +376,19 @@ def test_rngs_without_a_params_stream_misshaped_functional_params_and_requantize
         apply(params, jnp.ones((1, params["fc1"]["lora_A"].shape[0])))
     with pytest.raises(TypeError, match="merge_requantized takes a linen param tree; for an NNX model"):
         lora_jax.merge_requantized(model, config)
+
+
+def test_nnx_pissa_starts_as_linen_does_and_leaves_the_model_unchanged():
+    config = LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), init="pissa")
+    model = Mlp(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 10))
+    before = model(x)
+    base = lora_jax.nnx_params(model)
+    lora_jax.lora(model, config, rngs=nnx.Rngs(1))
+    np.testing.assert_allclose(model(x), before, atol=1e-5)
+    linen = lora_jax.init_lora_params(lora_jax.lora(LinenMlp(), config), base, jax.random.key(2), x)
+    ours = lora_jax.nnx_params(model)
+    for name in ("fc1", "fc2"):
+        for leaf in ("lora_A", "lora_B", "lora_A_init", "lora_B_init"):
+            np.testing.assert_allclose(ours[name][leaf], linen[name][leaf], atol=1e-6)
+    assert set(lora_jax.lora_leaves(ours)["fc1"]) == {"lora_A", "lora_B", "lora_A_init", "lora_B_init"}

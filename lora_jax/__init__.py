@@ -9,6 +9,7 @@
     save_adapter("adapters/task_a", params, config)  # kilobytes: only the trainable leaves
 
     lora(nnx_model, config, rngs=nnx.Rngs(0))        # flax.nnx: in place, LoRA params are nnx.LoRAParam
+    LoraConfig(target_parameters=("moe/w_in",))      # raw params (mixture-of-experts weights) by path
 """
 
 from . import nn  # lora_jax.nn.Dropout; not in __all__, where `nn` would shadow flax.linen
@@ -26,6 +27,7 @@ from .nnx.transform import nnx_functional, nnx_trainable
 from .nnx.trees import load_nnx_params, nnx_params
 from .nnx.variables import QuantizedParam
 from .optim import lora_plus, lora_plus_labels
+from .param_targets import AdaptedParam, einsum, ragged_dot
 from .peft_io import import_peft
 from .quantize import KernelQuantizer, QuantizedKernel
 from .resume import CheckpointSaveError, TrainCheckpointer
@@ -36,6 +38,7 @@ from .linen.transform import LoraModule, init_lora_params
 from .version import __version__
 
 __all__ = [
+    "AdaptedParam",
     "Adapter",
     "BaseMismatchError",
     "CheckpointSaveError",
@@ -62,6 +65,7 @@ __all__ = [
     "count_parameters",
     "dropout",
     "dropout_rngs",
+    "einsum",
     "init_lora_params",
     "lora",
     "load_nnx_params",
@@ -78,6 +82,7 @@ __all__ = [
     "partition",
     "print_trainable_parameters",
     "quantize",
+    "ragged_dot",
     "KernelQuantizer",
     "read_params",
     "save_params",

@@ -25,6 +25,7 @@ from .fingerprint import check_base_fingerprint
 from .core.variants import ADAPTER_LEAVES, FACTOR_PAIRS
 from .masking import partition, trainable_mask
 from .merge import base_leaf_key
+from .param_targets import FACTORS_SUFFIX
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -99,11 +100,12 @@ def check_targets_cover(adapter_params: Params, config: LoraConfig, source: str 
     (or ``config.exclude`` removes): the transformed model would silently ignore them."""
     flat = traverse_util.flatten_dict(dict(adapter_params))
     modules = sorted({k[:-1] for k in flat if k[-1] in ADAPTER_LEAVES})
-    stray = [path_str(m) for m in modules
-             if not config.selects(path_str(m))]
+    stray = [path_str(m) for m in modules if not config.selects(path_str(m))
+             and not (m[-1].endswith(FACTORS_SUFFIX) and config.selects_parameter(path_str(m)[:-len(FACTORS_SUFFIX)]))]
     if stray:
         raise ValueError(f"{source} holds lora_A/lora_B for layers its config does not target ({stray[:5]}"
-                         f"{' ...' if len(stray) > 5 else ''}; targets {list(config.targets)}, exclude "
+                         f"{' ...' if len(stray) > 5 else ''}; targets {list(config.targets)}, target_parameters "
+                         f"{list(config.target_parameters)}, exclude "
                          f"{list(config.exclude)}): they would be ignored. Fix the config's targets.")
 
 
@@ -294,14 +296,18 @@ def _unit_scale_config(out: dict, modules: list, like: LoraConfig) -> LoraConfig
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     rank = max(counts, key=lambda r: (counts[r], r))
+    is_param = lambda m: m[-1].endswith(FACTORS_SUFFIX)  # a raw param's factors: it is a parameter target
+    name = lambda m: path_str(m)[: -len(FACTORS_SUFFIX)] if is_param(m) else path_str(m)
     pattern = {}
     for m, r in ranks.items():
         if r != rank:
-            pattern["re:" + re.escape(path_str(m))] = r
+            pattern["re:" + re.escape(name(m))] = r
             out[m + ("lora_B",)] = out[m + ("lora_B",)] * (r / rank)
-    targets = tuple(dict.fromkeys(path_str(m) for m in modules))
+    targets = tuple(dict.fromkeys(name(m) for m in modules if not is_param(m)))
+    params = tuple(dict.fromkeys(name(m) for m in modules if is_param(m)))
     return LoraConfig(rank=rank, alpha=float(rank), targets=targets, dropout=like.dropout,
-                      dropout_rng=like.dropout_rng, rank_pattern=pattern)
+                      dropout_rng=like.dropout_rng, rank_pattern=pattern, target_parameters=params,
+                      parameter_in_axis=like.parameter_in_axis)
 
 
 def hotswap_adapter(params: Params, adapter: Adapter, config: LoraConfig, *, strict: bool = True) -> dict:

@@ -56,6 +56,11 @@ class LoraConfig:
         dequantized into for its layer's product: None keeps the kernel's own dtype (float32 for an
         fp32 checkpoint), 'bfloat16' is the QLoRA paper's. None by default: on CPU a bf16 kernel
         meeting fp32 activations is converted back, and the step measured slower (README, QLoRA).
+      target_parameters: raw params to adapt by path (PEFT's ``target_parameters``), e.g. a mixture of
+        experts' ``experts/w_in`` of shape (experts, in, out): one (A, B) per expert, wherever the
+        model reads the param (``lora_jax.param_targets``). Plain LoRA only.
+      parameter_in_axis: ``{pattern: -2 | -1}``: which axis of a targeted param is its input; -2
+        (default) for JAX's ``x @ W`` layout (experts, in, out), -1 for PyTorch's (experts, out, in).
 
     >>> config = LoraConfig(rank=8, alpha=16, targets=("query", "value"), rank_pattern={"value": 4})
     >>> config.scale, config.rank_for("encoder/layer/0/attention/self/value"), config.scale_for(4)
@@ -78,13 +83,16 @@ class LoraConfig:
     param_dtype: str = "float32"
     use_dora: bool = False
     quantized_compute_dtype: str | None = None
+    target_parameters: tuple[str, ...] = ()
+    parameter_in_axis: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Accept any sequence (or a single string) for the pattern fields, store tuples.
-        for name in ("targets", "exclude", "modules_to_save"):
+        for name in ("targets", "exclude", "modules_to_save", "target_parameters"):
             value = getattr(self, name)
             object.__setattr__(self, name, _as_tuple(value, name))
         object.__setattr__(self, "rank_pattern", _rank_pattern(self.rank_pattern))
+        object.__setattr__(self, "parameter_in_axis", _in_axes(self.parameter_in_axis))
         object.__setattr__(self, "rank", _positive_int(self.rank, "rank"))
         object.__setattr__(self, "alpha", _finite_real(self.alpha, "alpha"))
         object.__setattr__(self, "dropout", _finite_real(self.dropout, "dropout"))
@@ -114,9 +122,14 @@ class LoraConfig:
         if not isinstance(self.dropout_rng, str) or not self.dropout_rng:
             raise ValueError(f"LoraConfig.dropout_rng must be the non-empty name of an rng stream, "
                              f"got {self.dropout_rng!r}")
-        if not self.targets:
-            raise ValueError("LoraConfig.targets is empty: name at least one layer to adapt")
-        validate_patterns(self.targets + self.exclude + self.modules_to_save + tuple(k for k, _ in self.rank_pattern))
+        if not self.targets and not self.target_parameters:
+            raise ValueError("LoraConfig.targets and target_parameters are empty: name at least one layer or "
+                             "parameter to adapt")
+        if self.target_parameters and self.variant.leaves:
+            raise ValueError(f"LoraConfig.target_parameters supports plain LoRA only, not {self.variant.label} "
+                             f"({self.variant.flag})")
+        validate_patterns(self.targets + self.exclude + self.modules_to_save + self.target_parameters
+                          + tuple(k for k, _ in self.rank_pattern + self.parameter_in_axis))
 
     @property
     def scale(self) -> float:
@@ -137,6 +150,21 @@ class LoraConfig:
         """
         return any(matches(t, path) for t in self.targets) and not any(matches(e, path) for e in self.exclude)
 
+    def selects_parameter(self, path: str) -> bool:
+        """Whether the raw param at ``path`` ('moe/experts/gate_up_proj') is a parameter target: some
+        ``target_parameters`` pattern matches it (PEFT's rule: a suffix of whole names, '.' or '/'
+        separated, or ``re:``) and no exclude pattern matches it.
+
+        >>> LoraConfig(rank=2, targets=(), target_parameters=("mlp.experts.w_in",)).selects_parameter("l0/mlp/experts/w_in")
+        True
+        """
+        return any(matches(t, path) for t in self.target_parameters) and not any(matches(e, path) for e in self.exclude)
+
+    def in_axis_for(self, path: str) -> int:
+        """Which axis of the raw param at ``path`` is its input: the first matching
+        ``parameter_in_axis`` entry, else -2 (JAX's ``x @ W`` layout, (experts, in, out))."""
+        return next((axis for pattern, axis in self.parameter_in_axis if matches(pattern, path)), -2)
+
     def scale_for(self, rank: int) -> float:
         """The scale of a layer of the given rank (layers may differ through ``rank_pattern``)."""
         return self.alpha / (math.sqrt(rank) if self.rslora else rank)
@@ -153,6 +181,7 @@ class LoraConfig:
         """A JSON-ready dict (tuples become lists, rank_pattern a dict)."""
         data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         data["rank_pattern"] = dict(self.rank_pattern)
+        data["parameter_in_axis"] = dict(self.parameter_in_axis)
         return data
 
     @classmethod
@@ -221,6 +250,20 @@ def _rank_pattern(value: Any) -> tuple[tuple[str, int], ...]:
                              f"non-empty string pattern")
         out.append((pair[0], _positive_int(pair[1], f"rank_pattern[{pair[0]!r}]")))
     return tuple(out)
+
+
+def _in_axes(value: Any) -> tuple[tuple[str, int], ...]:
+    """``{pattern: -2 | -1}`` or a sequence of pairs -> a tuple of pairs, validated."""
+    try:
+        items = list(value.items()) if isinstance(value, dict) else [tuple(pair) for pair in value]
+    except TypeError:
+        raise ValueError(f"LoraConfig.parameter_in_axis must be a dict {{pattern: -2 or -1}}, got {value!r}") from None
+    for pair in items:
+        if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0] or isinstance(pair[1], bool) \
+                or pair[1] not in (-2, -1):
+            raise ValueError(f"LoraConfig.parameter_in_axis entry {pair!r} is not a (pattern, -2 or -1) pair: -2 is "
+                             f"JAX's x @ W layout (experts, in, out), -1 PyTorch's x @ W.T layout (experts, out, in)")
+    return tuple((str(p), int(a)) for p, a in items)
 
 
 def _as_tuple(value: str | Sequence[str], name: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from flax.core import meta
 from .boxes import stays_boxed
 from .config import LoraConfig, require_config
 from .core.kinds import BASE_LEAVES, delta
+from .param_targets import param_key_of
 from .core.variants import ADAPTER_LEAVES, foreign_leaves
 from .masking import NO_ADAPTER_MESSAGE
 from .targets import path_str
@@ -28,10 +29,14 @@ def _modules_with_lora(flat: dict) -> list[tuple[str, ...]]:
 
 
 def base_leaf_key(flat: dict, module: tuple[str, ...]) -> tuple[str, ...]:
-    """The key of the weight a LoRA pair adapts at ``module`` (its kernel, or an Embed's embedding)."""
+    """The key of the weight a LoRA pair adapts at ``module`` (its kernel, an Embed's embedding, or
+    the raw param ``P`` whose factors sit in ``P_lora``)."""
     for name in BASE_LEAVES:
         if module + (name,) in flat:
             return module + (name,)
+    param_key = param_key_of(module, flat)
+    if param_key is not None:
+        return param_key
     raise ValueError(f"LoRA leaves at '{path_str(module)}' have no kernel or embedding to adapt there")
 
 

@@ -15,7 +15,7 @@ from lora_jax import LoraConfig
         ({"init": "xavier"}, "init must be one of"),
         ({"bias": "some"}, "bias must be one of"),
         ({"dropout": 1.0}, "dropout must be in"),
-        ({"targets": ()}, "targets is empty"),
+        ({"targets": ()}, "targets and target_parameters are empty"),
         ({"targets": ("re:(unclosed",)}, "invalid regex"),
         ({"targets": ("",)}, "non-empty string"),
     ],

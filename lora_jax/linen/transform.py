@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
+import flax
 import flax.linen as nn
+import jax
 from flax import traverse_util
 
 from ..config import LoraConfig
 from .layers import (ADAPTED_METHODS, SUPPORTED, adapted_layer_output, in_internal_call, layer_kind, quantized_base_output,
                      quantized_kernel)
+from ..param_targets import AdaptedParam, box_parameter_targets, factors_key, init_parameter_factors, targeted_params
 from ..target_report import TargetReport, check_targets
 from ..targets import matches, path_str
 
@@ -46,11 +48,55 @@ class LoraModule(nn.Module):
         record = TargetReport(hits={t: 0 for t in self.config.targets})
         dropout_on = self.config.dropout > 0 and self.scope.has_rng(self.config.dropout_rng)
         with nn.intercept_methods(self._interceptor(record, dropout_on)):
-            out = getattr(self.base, method)(*args, **kwargs)
+            if self.config.target_parameters:
+                out = self._call_with_parameter_targets(method, args, kwargs)
+            else:
+                out = getattr(self.base, method)(*args, **kwargs)
         # Targets are resolved when the adapter is created; a later call may use only some layers (an
         # `encode` method), which is fine as long as the params hold an adapter at all.
-        if self.scope.is_mutable_collection("params") or not (record.targeted or self._holds_adapter()):
+        if self.config.targets and (self.scope.is_mutable_collection("params")
+                                    or not (record.targeted or self._holds_adapter())):
             check_targets(self.config, record, ", ".join(c.__name__ for c in SUPPORTED))
+        return out
+
+    def _call_with_parameter_targets(self, method: str, args: tuple, kwargs: dict) -> Any:
+        """Run the base model on this scope's variables with each targeted raw param read through its
+        ``AdaptedParam`` box (``W + scale·A·B`` wherever the model reads it), in a nested apply that
+        sees the same paths; at init, the parameter targets' factors are created beside their params
+        and everything the nested call created is written into this scope."""
+        scope = self.scope
+        variables = flax.core.unfreeze(scope.variables())
+        rngs = {name: self.make_rng(name) for name in scope.rngs}
+        inner = self.base.clone(parent=None, name=None)
+        creating = scope.is_mutable_collection("params")
+        if creating and not variables.get("params"):  # model.init: the base's own params first
+            out, new = inner.init_with_output(rngs, *args, method=method, **kwargs)
+        else:
+            params = variables.get("params", {})
+            unadapted = [k for k in targeted_params(params, self.config)
+                         if factors_key(k) + ("lora_A",) not in traverse_util.flatten_dict(params)]
+            if unadapted and not creating:
+                raise ValueError(f"parameters {[path_str(k) for k in unadapted][:5]} are LoRA parameter targets but "
+                                 f"the params hold no factors for them: initialise the adapter with model.init(...) "
+                                 f"or lora_jax.init_lora_params(model, base_params, rng, ...)")
+            boxed = {**variables, "params": box_parameter_targets(params, self.config)}
+            result = inner.apply(boxed, *args, rngs=rngs, method=method, mutable=scope.mutable, **kwargs)
+            out, new = result if scope.mutable else (result, {})
+        new = flax.core.unfreeze(new)
+        if creating:
+            params = jax.tree.map(lambda leaf: leaf.value if isinstance(leaf, AdaptedParam) else leaf,
+                                  new.get("params", variables.get("params", {})),
+                                  is_leaf=lambda leaf: isinstance(leaf, AdaptedParam))
+            fresh = {k: v for k, v in traverse_util.flatten_dict(params).items()}
+            missing = {k: v for k, v in init_parameter_factors(params, self.config, self.make_rng("params")).items()
+                       if k not in fresh}
+            new["params"] = traverse_util.unflatten_dict({**fresh, **missing})
+        for collection, tree in new.items():
+            for key, value in traverse_util.flatten_dict(tree).items():
+                target = scope
+                for name in key[:-1]:
+                    target = target.push(name, reuse=True)
+                target.put_variable(collection, key[-1], value)
         return out
 
     def _holds_adapter(self) -> bool:

@@ -45,6 +45,7 @@ from ..core.init import a_initializer
 from ..masking import trainable_mask
 from ..target_report import TargetReport, check_targets
 from ..targets import matches, path_str
+from .param_targets import add_parameter_targets, has_parameter_targets, merge_parameter_targets
 from .variables import QuantizedParam
 from .trees import nnx_params
 
@@ -104,9 +105,12 @@ def lora_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
                                  f"and exported as it is): exclude it from the targets")
             record.targeted.add(where)
             chosen.append((where, module, kind))
-    check_targets(config, record, "nnx." + ", nnx.".join(cls.__name__ for cls, _ in _KINDS))
+    if config.targets:
+        check_targets(config, record, "nnx." + ", nnx.".join(cls.__name__ for cls, _ in _KINDS))
     for where, module, kind in chosen:
         _adapt(module, kind, where, config, rngs)
+    if config.target_parameters:
+        add_parameter_targets(model, config, rngs)
     return model
 
 
@@ -279,7 +283,9 @@ def merge_nnx(model: nnx.Module, config: LoraConfig) -> nnx.Module:
     merged = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     adapted = [module for _, module in nnx.iter_modules(merged) if is_adapted(module)]
     flax_lora = [module for _, module in nnx.iter_modules(merged) if isinstance(module, nnx.LoRALinear)]
-    if not adapted and not flax_lora:
+    with_params = any(has_parameter_targets(module) for _, module in nnx.iter_modules(merged))
+    merge_parameter_targets(merged)
+    if not adapted and not flax_lora and not with_params:
         raise ValueError("merge: this NNX model has no LoRA layers (lora_jax.lora(model, config, rngs=...) adds them)")
     for module in flax_lora:  # flax's own LoRALinear: y = x W + b + x a b, no scale
         delta = module.lora.lora_a[...].astype(jnp.float32) @ module.lora.lora_b[...].astype(jnp.float32)

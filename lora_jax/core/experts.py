@@ -1,0 +1,143 @@
+"""LoRA on raw weight params (``LoraConfig.target_parameters``): a 2-D param (p, q), or a stack of
+experts (E, p, q) read by ``jnp.einsum`` or ``jax.lax.ragged_dot``.
+
+The factors follow the param's own axis order: ``A`` (E, p, r) holds its axis -2, ``B`` (E, r, q)
+its axis -1, and the update is ``scale · A·B`` per expert, already in the param's layout (no
+transpose anywhere). Which of p, q is the input is the param's ``in_axis``: -2 for JAX's
+``x @ W[e]`` layout (E, in, out), -1 for PyTorch's ``x @ W[e].T`` layout (E, out, in). The input
+side's factor starts random, the other at zero, so the update starts at zero either way.
+
+Products here never form an (E, p, q) update: each is two grouped products through the rank.
+
+    >>> import jax.numpy as jnp
+    >>> x, w = jnp.ones((5, 4)), jnp.zeros((2, 4, 3))                  # 5 tokens, 2 experts (4 -> 3)
+    >>> a, b = jnp.ones((2, 4, 1)), jnp.ones((2, 1, 3))
+    >>> adapted_ragged_dot(x, w, jnp.array([2, 3]), a, b, scale=0.5).tolist()[0]
+    [2.0, 2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .kinds import FactorShapes
+
+Array = jax.Array
+
+
+def parameter_shapes(param_shape: tuple[int, ...], rank: int, in_axis: int = -2) -> FactorShapes:
+    """The factors of a raw param of shape (..., p, q): A (..., p, r), B (..., r, q); the leading axes
+    (experts, a stack of layers) are kept, one adapter per expert. ``in_axis`` (-2 or -1) says which
+    of p, q is the input (its size is the fan-in of the drawn factor).
+
+    >>> s = parameter_shapes((8, 16, 32), rank=4)
+    >>> s.a, s.b, s.fan_in
+    ((8, 16, 4), (8, 4, 32), 16)
+    """
+    if len(param_shape) < 2:
+        raise ValueError(f"a parameter target is at least 2-D (in, out), got shape {tuple(param_shape)}")
+    if in_axis not in (-2, -1):
+        raise ValueError(f"a parameter's in_axis is -2 (x @ W, JAX's layout) or -1 (x @ W.T, PyTorch's), got {in_axis}")
+    lead, (p, q) = tuple(param_shape[:-2]), tuple(param_shape[-2:])
+    n_in, n_out = (p, q) if in_axis == -2 else (q, p)
+    return FactorShapes(lead + (p, rank), lead + (rank, q), n_in, n_in, n_out, 1)
+
+
+def as_input_major(a: Array, b: Array, in_axis: int) -> tuple[Array, Array]:
+    """The factors as (input side (..., in, r), output side (..., r, out)) whatever the param's layout.
+
+    >>> [t.shape for t in as_input_major(jnp.ones((2, 5, 1)), jnp.ones((2, 1, 3)), in_axis=-1)]
+    [(2, 3, 1), (2, 1, 5)]
+    """
+    if in_axis == -2:
+        return a, b
+    return jnp.swapaxes(b, -1, -2), jnp.swapaxes(a, -1, -2)
+
+
+def adapted_ragged_dot(x: Array, w: Array, group_sizes: Array, a: Array, b: Array, scale: float, *,
+                       in_axis: int = -2, precision: Any = None, preferred_element_type: Any = None) -> Array:
+    """``ragged_dot(x, W + scale·A·B, group_sizes)`` without forming A·B: x (T, in) sorted by expert,
+    W (E, in, out) (``in_axis`` -2) or (E, out, in) (-1), A / B in W's axis order -> (T, out).
+
+    The update is ``ragged_dot(ragged_dot(x, A_in), B_out)``, both grouped by the same
+    ``group_sizes``: 2·T·r·(in + out) multiply-adds beside the base's T·in·out.
+    """
+    w_in = w if in_axis == -2 else jnp.swapaxes(w, -1, -2)
+    base = jax.lax.ragged_dot(x, w_in, group_sizes, precision=precision, preferred_element_type=preferred_element_type)
+    a_in, b_out = as_input_major(a, b, in_axis)
+    dtype = base.dtype
+    h = jax.lax.ragged_dot(x.astype(dtype), a_in.astype(dtype), group_sizes, precision=precision)
+    update = jax.lax.ragged_dot(h, b_out.astype(dtype), group_sizes, precision=precision)
+    return base + (scale * update).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertEinsum:
+    """An ``'x,kernel->out'`` spec whose kernel is a stack of experts: its letters split by role.
+
+    Attributes:
+      lhs, rhs, out: the input's, the kernel's and the output's letters.
+      expert: kernel letters also in the input and the output (the expert axis, a stack's axis).
+    """
+
+    lhs: str
+    rhs: str
+    out: str
+
+    @property
+    def batch(self) -> str:
+        return "".join(c for c in self.rhs[:-2] if c in self.lhs and c in self.out)
+
+
+def parse_expert_einsum(spec: str) -> ExpertEinsum:
+    """Split an explicit ``'x,kernel->out'`` spec whose kernel's last two letters are the param's p and
+    q axes (one contracted with the input, the other in the output) and whose leading kernel letters
+    are shared with the input and the output (experts).
+
+    >>> parse_expert_einsum("ecd,edf->ecf").batch
+    'e'
+    """
+    compact = spec.replace(" ", "")
+    if "..." in compact or compact.count(",") != 1 or "->" not in compact:
+        raise ValueError(f"an expert einsum needs an explicit 'x,kernel->out' spec without '...', got {spec!r}")
+    lhs, rest = compact.split(",")
+    rhs, out = rest.split("->")
+    parsed = ExpertEinsum(lhs, rhs, out)
+    p, q = rhs[-2:]
+    roles_ok = (p in lhs and p not in out and q in out and q not in lhs) or \
+        (q in lhs and q not in out and p in out and p not in lhs)
+    if len(rhs) < 2 or not roles_ok or len(parsed.batch) != len(rhs) - 2:
+        raise ValueError(f"expert einsum {spec!r}: the kernel's last two axes must be its input and output axes "
+                         f"(one contracted, one kept) and every other kernel axis an expert axis shared with the "
+                         f"input and the output, e.g. 'ecd,edf->ecf'")
+    return parsed
+
+
+def adapted_einsum(spec: str, x: Array, w: Array, a: Array, b: Array, scale: float, *, precision: Any = None,
+                   preferred_element_type: Any = None) -> Array:
+    """``einsum(spec, x, W + scale·A·B)`` through the rank, without forming A·B; A and B follow W's
+    axis order (A (..., p, r), B (..., r, q)).
+
+    >>> adapted_einsum("ecd,edf->ecf", jnp.ones((2, 3, 4)), jnp.zeros((2, 4, 5)), jnp.ones((2, 4, 1)),
+    ...                jnp.ones((2, 1, 5)), scale=1.0)[0, 0].tolist()
+    [4.0, 4.0, 4.0, 4.0, 4.0]
+    """
+    parsed = parse_expert_einsum(spec)
+    base = jnp.einsum(spec, x, w, precision=precision, preferred_element_type=preferred_element_type)
+    free = iter(c for c in string.ascii_letters if c not in parsed.lhs + parsed.rhs + parsed.out)
+    r = next(free)
+    lead, p, q = parsed.rhs[:-2], parsed.rhs[-2], parsed.rhs[-1]
+    a_spec, b_spec = lead + p + r, lead + r + q
+    first, second = (a_spec, b_spec) if p in parsed.lhs else (b_spec, a_spec)
+    first_factor, second_factor = (a, b) if p in parsed.lhs else (b, a)
+    contracted = p if p in parsed.lhs else q
+    hidden = "".join(c for c in parsed.lhs if c != contracted) + r
+    dtype = base.dtype
+    h = jnp.einsum(f"{parsed.lhs},{first}->{hidden}", x.astype(dtype), first_factor.astype(dtype), precision=precision)
+    update = jnp.einsum(f"{hidden},{second}->{parsed.out}", h, second_factor.astype(dtype), precision=precision)
+    return base + (scale * update).astype(dtype)

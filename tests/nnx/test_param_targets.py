@@ -1,0 +1,30 @@
+"""NNX parameter targets: raw nnx.Param experts adapted in place, both paths against the numpy formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lora_jax
+from tests.helpers import NnxTinyMoe
+from tests.test_param_targets import CONFIG, X, _moved, _reference
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["read-as-weight", "grouped"])
+def test_nnx_experts_adapt_in_place_train_and_merge(grouped):
+    model = NnxTinyMoe(nnx.Rngs(0), grouped=grouped)
+    before = model(X)
+    lora_jax.lora(model, CONFIG, rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(model(X), before)  # B = 0: the model is unchanged
+    params = _moved(lora_jax.nnx_params(model))
+    assert jax.tree.map(jnp.shape, params["w_in_lora"]) == {"lora_A": (4, 8, 2), "lora_B": (4, 2, 12)}
+    lora_jax.load_nnx_params(model, params)
+    np.testing.assert_allclose(model(X), _reference(params, X), rtol=1e-4, atol=1e-5)
+    grads = nnx.grad(lambda m: (m(X) ** 2).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(model).to_pure_dict()
+    assert set(grads) == {"router", "w_in_lora", "w_out_lora"}  # only the factors: w_in, w_out stay frozen
+    merged = lora_jax.merge(model, CONFIG)
+    assert type(merged) is NnxTinyMoe and not hasattr(merged, "w_in_lora")
+    np.testing.assert_allclose(merged(X), model(X), atol=1e-5)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora_jax.lora(model, CONFIG.replace(targets=()), rngs=nnx.Rngs(2))

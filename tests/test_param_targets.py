@@ -1,0 +1,144 @@
+"""Parameter targets (LoRA on raw params, mixture-of-experts weights) against per-expert numpy formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+from lora_jax import LoraConfig
+from tests.helpers import TinyMoe, route_top_k
+
+X = jax.random.normal(jax.random.key(0), (10, 8))
+CONFIG = LoraConfig(rank=2, alpha=4, targets=("router",), target_parameters=("w_in", "w_out"))
+
+
+def _reference(params, x, scale=2.0):
+    """The MoE block in float64 numpy, each token through its own experts' W + scale·A·B."""
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+    w_in = p["w_in"] + scale * p["w_in_lora"]["lora_A"] @ p["w_in_lora"]["lora_B"]
+    w_out = p["w_out"] + scale * p["w_out_lora"]["lora_A"] @ p["w_out_lora"]["lora_B"]
+    router = p["router"]["kernel"] + scale * p["router"]["lora_A"] @ p["router"]["lora_B"]
+    weights, chosen = (np.asarray(v, np.float64) for v in route_top_k(jnp.asarray(np.asarray(x) @ router), 2))
+    out = np.zeros((x.shape[0], x.shape[1]))
+    for t in range(x.shape[0]):
+        for slot in range(2):
+            e = int(chosen[t, slot])
+            gate, up = np.split(np.asarray(x[t], np.float64) @ w_in[e], 2)
+            out[t] += weights[t, slot] * ((gate / (1 + np.exp(-gate)) * up) @ w_out[e])
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained():
+    base = TinyMoe().init(jax.random.key(1), X)["params"]
+    model = lora_jax.lora(TinyMoe(), CONFIG)
+    params = lora_jax.init_lora_params(model, base, jax.random.key(2), X)
+    return base, model, params
+
+
+def _moved(params, seed=3):
+    keys = iter(jax.random.split(jax.random.key(seed), 8))
+    out = jax.tree.map(lambda v: v, params)
+    for name in ("w_in_lora", "w_out_lora"):
+        out[name] = {leaf: 0.3 * jax.random.normal(next(keys), v.shape) for leaf, v in out[name].items()}
+    out["router"] = {**out["router"], "lora_B": 0.3 * jax.random.normal(next(keys), out["router"]["lora_B"].shape)}
+    return out
+
+
+def test_factors_sit_beside_each_param_per_expert_and_start_as_the_identity(trained):
+    base, model, params = trained
+    assert jax.tree.map(jnp.shape, params["w_in_lora"]) == {"lora_A": (4, 8, 2), "lora_B": (4, 2, 12)}
+    assert jax.tree.map(jnp.shape, params["w_out_lora"]) == {"lora_A": (4, 6, 2), "lora_B": (4, 2, 8)}
+    assert params["w_in"] is base["w_in"]
+    np.testing.assert_array_equal(model.apply({"params": params}, X), TinyMoe().apply({"params": base}, X))
+    mask = lora_jax.trainable_mask(params, CONFIG)
+    assert not mask["w_in"] and mask["w_in_lora"]["lora_A"] and mask["w_in_lora"]["lora_B"]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["read-as-weight", "grouped"])
+def test_both_forward_paths_equal_the_per_expert_formula_and_merge_exactly(trained, grouped):
+    base, _, params = trained
+    params = _moved(params)
+    model = lora_jax.lora(TinyMoe(grouped=grouped), CONFIG)
+    out = jax.jit(lambda p: model.apply({"params": p}, X))(params)
+    np.testing.assert_allclose(out, _reference(params, X), rtol=1e-4, atol=1e-5)
+    merged = lora_jax.merge(params, CONFIG)
+    assert "w_in_lora" not in merged
+    np.testing.assert_allclose(TinyMoe().apply({"params": merged}, X), out, atol=1e-5)
+    restored = lora_jax.unmerge(merged, params, CONFIG)
+    np.testing.assert_allclose(restored["w_in"], base["w_in"], atol=1e-6)
+
+
+def test_grouped_gradients_equal_the_read_as_weight_ones(trained):
+    _, _, params = trained
+    params = _moved(params)
+    mask = lora_jax.trainable_mask(params, CONFIG)
+    trainable, frozen = lora_jax.partition(params, mask)
+    grads = []
+    for grouped in (False, True):
+        model = lora_jax.lora(TinyMoe(grouped=grouped), CONFIG)
+        loss = lambda t: (model.apply({"params": lora_jax.combine(t, frozen)}, X) ** 2).sum()
+        grads.append(jax.jit(jax.grad(loss))(trainable))
+    jax.tree.map(lambda g0, g1: np.testing.assert_allclose(g0, g1, rtol=1e-4, atol=1e-5), *grads)
+    assert float(jnp.abs(grads[0]["w_in_lora"]["lora_A"]).max()) > 0
+
+
+def test_adapters_save_load_hotswap_bank_and_add_like_layer_adapters(trained, tmp_path):
+    base, model, params = trained
+    params = _moved(params)
+    want = model.apply({"params": params}, X)
+    lora_jax.save_adapter(tmp_path / "moe", params, CONFIG)
+    adapter = lora_jax.load_adapter(tmp_path / "moe")
+    assert set(adapter.params["w_in_lora"]) == {"lora_A", "lora_B"} and adapter.config.target_parameters == ("w_in", "w_out")
+    np.testing.assert_allclose(model.apply({"params": lora_jax.apply_adapter(base, adapter)}, X), want, atol=1e-6)
+    slots = CONFIG.replace(rank=4, alpha=4)  # a running model with more room: the adapter is padded and rescaled
+    running = lora_jax.init_lora_params(lora_jax.lora(TinyMoe(), slots), base, jax.random.key(4), X)
+    swapped = lora_jax.hotswap_adapter(running, adapter, slots)
+    assert swapped["w_in_lora"]["lora_A"].shape == (4, 8, 4)
+    np.testing.assert_allclose(lora_jax.lora(TinyMoe(), slots).apply({"params": swapped}, X), want, atol=1e-5)
+    bank = lora_jax.make_bank(running, [adapter], slots)
+    rows = lora_jax.bank_apply(lora_jax.lora(TinyMoe(), slots), running, bank, jnp.array([0, -1] * 5), X)
+    np.testing.assert_allclose(rows[::2], want[::2], atol=1e-5)
+    np.testing.assert_allclose(rows[1::2], TinyMoe().apply({"params": base}, X)[1::2], atol=1e-5)
+    both = lora_jax.add_weighted_adapter([adapter, adapter], [0.5, 0.5], "cat", base_params=base)
+    np.testing.assert_allclose(model.apply({"params": lora_jax.apply_adapter(base, both)}, X) if both.config.rank == 2
+                               else lora_jax.lora(TinyMoe(), both.config).apply(
+                                   {"params": lora_jax.apply_adapter(base, both)}, X), want, atol=1e-5)
+
+
+def test_bad_targets_and_missing_factors_are_named(trained):
+    base, _, params = trained
+    with pytest.raises(ValueError, match=r"(?s)target_parameters \['w_typo'\] matched no param.*w_in  \(4, 8, 12\)"):
+        lora_jax.init_lora_params(lora_jax.lora(TinyMoe(), CONFIG.replace(target_parameters=("w_typo",))), base,
+                                  jax.random.key(0), X)
+    with pytest.raises(ValueError, match="'w_in', 'w_out'.*hold no factors"):
+        lora_jax.lora(TinyMoe(), CONFIG).apply({"params": {**base, "router": params["router"]}}, X)
+    with pytest.raises(ValueError, match="plain LoRA only"):
+        CONFIG.replace(use_dora=True)
+    with pytest.raises(ValueError, match="parameter_in_axis"):
+        CONFIG.replace(parameter_in_axis={"w_in": 0})
+
+
+class _TorchLayoutExperts(__import__("flax").linen.Module):
+    """Experts stored (E, out, in), as PyTorch stores them; the grouped path and the weight read."""
+
+    @__import__("flax").linen.compact
+    def __call__(self, x):
+        w = self.param("w", jax.nn.initializers.normal(0.3), (3, 5, 8), unbox=False)
+        sizes = jnp.array([4, 3, 3])
+        read = jnp.swapaxes(w.unbox() if isinstance(w, lora_jax.AdaptedParam) else w, 1, 2)
+        return lora_jax.ragged_dot(x, w, sizes, in_axis=-1), jax.lax.ragged_dot(x, read, sizes)
+
+
+def test_a_param_laid_out_out_by_in_draws_its_input_side_factor_and_both_paths_agree():
+    config = LoraConfig(rank=2, alpha=2, targets=(), target_parameters=("w",), parameter_in_axis={"w": -1})
+    model = lora_jax.lora(_TorchLayoutExperts(), config)
+    params = model.init(jax.random.key(0), X)["params"]
+    assert float(jnp.abs(params["w_lora"]["lora_A"]).max()) == 0 < float(jnp.abs(params["w_lora"]["lora_B"]).max())
+    params["w_lora"]["lora_A"] = jax.random.normal(jax.random.key(1), params["w_lora"]["lora_A"].shape)
+    grouped, read = model.apply({"params": params}, X)
+    np.testing.assert_allclose(grouped, read, rtol=1e-5, atol=1e-5)
+    wrong = lora_jax.lora(_TorchLayoutExperts(), config.replace(parameter_in_axis={}))
+    with pytest.raises(ValueError, match="parameter_in_axis"):
+        wrong.apply({"params": params}, X)

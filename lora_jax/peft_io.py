@@ -26,8 +26,10 @@ from .config import LoraConfig
 from .core.kinds import BASE_LEAVES, BROADCAST, factor_layout
 from .finite import nonfinite_leaves
 from .folder_swap import folder_path, locked, recover_folder, replace_folder
+from .param_targets import FACTORS_SUFFIX, factors_key
+from .peft_param_targets import assign_pairs, export_tensors, from_peft, target_keys, targeted_by_owner, wrapped_pairs
 from .safetensors_io import read_safetensors
-from .targets import REGEX_PREFIX, matches
+from .targets import REGEX_PREFIX, matches, path_str
 
 Params = Mapping[str, Any]
 PREFIX = "base_model.model."
@@ -293,8 +295,9 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
         raise ValueError(f"the adapter's leaves {bad[:5]} hold inf or NaN (training diverged?); nothing was exported")
     if config.variant.peft_config is None:
         adapter = _as_plain_lora(adapter, config)
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
+    param_modules = {factors_key(k) for k in target_keys(flat)}
+    tensors, ranks, param_names = export_tensors(adapter, flat, config, lambda path: usage.name(path, None), PREFIX)
+    adapter = {k: v for k, v in adapter.items() if k[:-1] not in param_modules}
     for key, value in adapter.items():
         module, leaf = key[:-1], key[-1]
         path = "/".join(module)
@@ -327,18 +330,23 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
             torch_leaf, converted = _to_torch(leaf, value)
             tensors[f"{PREFIX}{usage.name(path, None)}.{torch_leaf}"] = converted
     usage.check_all_used("of the adapter")
-    plain = all(not t.startswith(REGEX_PREFIX) for t in config.targets) and not config.exclude and not name_map
+    plain = all(not t.startswith(REGEX_PREFIX) for t in config.targets + config.target_parameters) \
+        and not config.exclude and not name_map
     adapter_config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none",
         "use_rslora": config.rslora, "use_dora": False, **(config.variant.peft_config or {}), "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "target_modules": [t.replace("/", ".") for t in config.targets] if plain else sorted(ranks),
+        "target_modules": [t.replace("/", ".") for t in config.targets] if plain else
+        sorted(set(ranks) - set(param_names)),
+        "target_parameters": ([t.replace("/", ".") for t in config.target_parameters] if plain else param_names)
+        or None,
         "modules_to_save": [m.replace("/", ".") for m in config.modules_to_save] or None,
         "rank_pattern": {m: r for m, r in ranks.items() if r != config.rank}, "alpha_pattern": {},
     }
     layout_notes = {"format": EXPORT_NOTES_FORMAT, "name_map": usage.name_map,
+                    "parameter_in_axis": {path_str(k): config.in_axis_for(path_str(k)) for k in target_keys(flat)},
                     "flatten_order": {p: {k: list(v) for k, v in o.items()} for p, o in usage.flatten_order.items()}}
 
     def write(tmp: Path) -> None:
@@ -347,7 +355,7 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
         tmp.mkdir()
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(adapter_config, indent=2))
-        if usage.name_map or usage.flatten_order:
+        if usage.name_map or usage.flatten_order or layout_notes["parameter_in_axis"]:
             (tmp / EXPORT_NOTES).write_text(json.dumps(layout_notes, indent=2))
         _sync(tmp)
 
@@ -390,9 +398,11 @@ def _read_peft_config(directory: Path) -> dict:
     enabled = [flag for flag in _UNSUPPORTED_FLAGS if data.get(flag)]
     if enabled:
         raise ValueError(f"{directory}: PEFT option(s) {enabled} are not supported by lora_jax (DoRA is: use_dora)")
-    for option in ("alpha_pattern", "layers_to_transform", "layer_replication", "target_parameters"):
+    for option in ("alpha_pattern", "layers_to_transform", "layer_replication"):
         if data.get(option):
             raise ValueError(f"{directory}: PEFT option {option}={data[option]!r} is not supported by lora_jax")
+    if data.get("target_modules") is None and data.get("target_parameters"):
+        data = {**data, "target_modules": []}  # PEFT allows parameters alone
     for field in ("r", "lora_alpha", "target_modules"):
         if data.get(field) is None:
             raise ValueError(f"{path} lacks the field {field!r}, which a PEFT LoRA adapter_config.json always has")
@@ -409,6 +419,7 @@ _FIELD_TYPES = (
     ("target_modules", (str, "list[str]"), "a regex string or a list of module names"),
     ("exclude_modules", (str, "list[str]"), "a regex string or a list of module names"),
     ("modules_to_save", ("list[str]",), "a list of module names"),
+    ("target_parameters", ("list[str]",), "a list of parameter names"),
     ("rank_pattern", ("dict[str, int]",), "an object {module pattern: rank}"), ("bias", (str,), "a string"),
 )
 
@@ -437,8 +448,12 @@ def _export_notes(directory: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(notes, dict) or notes.get("format") != EXPORT_NOTES_FORMAT:
         raise ValueError(f"{path} is not a lora_jax export record (delete it if the folder is a plain PEFT adapter)")
+    in_axes = notes.get("parameter_in_axis") or {}
+    if not isinstance(in_axes, dict) or any(not isinstance(k, str) or v not in (-2, -1) or isinstance(v, bool)
+                                            for k, v in in_axes.items()):
+        raise ValueError(f"{path}: parameter_in_axis must be an object {{param path: -2 or -1}}, got {in_axes!r}")
     return {"name_map": _check_name_map(notes.get("name_map")),
-            "flatten_order": _check_flatten_order(notes.get("flatten_order"))}
+            "flatten_order": _check_flatten_order(notes.get("flatten_order")), "parameter_in_axis": in_axes}
 
 
 def _config_from_peft(data: dict, path: Path) -> LoraConfig:
@@ -451,7 +466,8 @@ def _config_from_peft(data: dict, path: Path) -> LoraConfig:
         return LoraConfig(rank=data["r"], alpha=data["lora_alpha"], targets=targets, exclude=exclude,
                           dropout=data.get("lora_dropout") or 0.0, rslora=bool(data.get("use_rslora")),
                           bias=data.get("bias", "none"), modules_to_save=saved,
-                          rank_pattern=data.get("rank_pattern") or {}, use_dora=bool(data.get("use_dora")))
+                          rank_pattern=data.get("rank_pattern") or {}, use_dora=bool(data.get("use_dora")),
+                          target_parameters=tuple(data.get("target_parameters") or ()))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err} (PEFT names: r, lora_alpha, lora_dropout, target_modules, rank_pattern)") \
             from None
@@ -461,6 +477,8 @@ def _check_lora_shapes(out: dict, config: LoraConfig, weights: Path) -> None:
     """Each layer has both factors, A (.., r) and B of rank r matching the config's rank for it."""
     modules = sorted({k[:-1] for k in out if k[-1] in ("lora_A", "lora_B")})
     for module in modules:
+        if module[-1].endswith(FACTORS_SUFFIX) and module[:-1] + (module[-1][: -len(FACTORS_SUFFIX)],) not in out:
+            continue  # a parameter target's factors: read and checked by peft_param_targets
         name = ".".join(module)
         a, b = out.get(module + ("lora_A",)), out.get(module + ("lora_B",))
         if a is None or b is None:
@@ -476,7 +494,8 @@ def _check_lora_shapes(out: dict, config: LoraConfig, weights: Path) -> None:
 
 def import_peft(directory: str | Path, base_params: Params | None = None, *,
                 name_map: Mapping[str, str] | None = None,
-                flatten_order: Mapping[str, Mapping[str, Any]] | None = None) -> Adapter:
+                flatten_order: Mapping[str, Mapping[str, Any]] | None = None,
+                parameter_in_axis: Mapping[str, int] | None = None) -> Adapter:
     """Read a PEFT LoRA folder (ours or PEFT's own) into an Adapter (params in our layout + LoraConfig).
 
     ``base_params`` (the model's param tree) resolves modules_to_save leaves exactly (kernel vs
@@ -487,6 +506,10 @@ def import_peft(directory: str | Path, base_params: Params | None = None, *,
     ``export_peft``; both default to what the export recorded in the folder). Without it, names are read as ours
     with '.' for '/', 2-D ``weight`` as a Dense kernel and 1-D as a LayerNorm scale. Modules the
     model does not have are named in the error of ``apply_adapter``.
+
+    ``target_parameters`` (PEFT's LoRA on raw params, e.g. experts) need ``base_params``: each
+    targeted param's layout ((E, in, out) or (E, out, in)) is read off its shape, or from
+    ``parameter_in_axis`` {param path: -2 | -1} (needed for a square param) or the export's record.
     """
     directory = folder_path(directory, "the PEFT adapter")
     if not directory.exists() and directory.parent.is_dir():
@@ -502,7 +525,15 @@ def import_peft(directory: str | Path, base_params: Params | None = None, *,
     flatten_order = _agreed(_check_flatten_order(flatten_order), notes.get("flatten_order"), "flatten_order", directory)
     flat_base = traverse_util.flatten_dict(dict(base_params)) if base_params is not None else None
     out: dict[tuple[str, ...], np.ndarray] = {}
-    for name, value in read_safetensors(weights).items():
+    tensors = read_safetensors(weights)
+    if config.target_parameters:
+        if flat_base is None:
+            raise ValueError(f"{directory} adapts parameters (target_parameters {list(config.target_parameters)}): "
+                             f"import_peft needs base_params to find them and their layouts")
+        in_axes = {**notes.get("parameter_in_axis", {}), **dict(parameter_in_axis or {})}
+        tensors, out, config = _read_parameter_targets(tensors, config, flat_base, _Usage(name_map, {}), in_axes,
+                                                       weights)
+    for name, value in tensors.items():
         if not name.startswith(PREFIX):
             raise ValueError(f"unexpected key {name!r} in {weights} (expected the '{PREFIX}' prefix)")
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
@@ -527,6 +558,44 @@ def import_peft(directory: str | Path, base_params: Params | None = None, *,
     meta = {"peft_task_type": data.get("task_type"), "base_model": data.get("base_model_name_or_path"),
             "source": str(directory)}
     return Adapter(params, config, meta)
+
+
+def _read_parameter_targets(tensors: dict, config: LoraConfig, flat_base: dict, usage: _Usage,
+                            in_axes: Mapping[str, int], weights: Path) -> tuple[dict, dict, LoraConfig]:
+    """(the tensors left, our factors of the parameter targets, the config with those targets as
+    our param paths, innermost wrapper first, and their input axes)."""
+    out, axes, used, order = {}, {}, set(), []
+    for owner, keys in targeted_by_owner(flat_base, config, lambda path: usage.name(path, None)).items():
+        try:
+            assigned = assign_pairs(keys, wrapped_pairs(tensors, owner, PREFIX), tensors, flat_base, in_axes)
+        except ValueError as err:
+            raise ValueError(f"{weights}: module '{owner}': {err}") from None
+        for key, (a_name, b_name, axis) in assigned.items():
+            a, b = from_peft(tensors[a_name], tensors[b_name], tuple(np.shape(flat_base[key])), axis)
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise ValueError(f"{weights}: the factors of parameter '{path_str(key)}' hold inf or NaN")
+            out[factors_key(key) + ("lora_A",)], out[factors_key(key) + ("lora_B",)] = a, b
+            axes[path_str(key)] = axis
+            used.update((a_name, b_name))
+            order.append(key)
+    if not out:
+        raise ValueError(f"{weights}: no tensor of the target_parameters {list(config.target_parameters)} fits a param "
+                         f"of base_params")
+    rest = {name: value for name, value in tensors.items() if name not in used}
+    config = config.replace(target_parameters=tuple(path_str(k) for k in order),
+                            parameter_in_axis={w: axis for w, axis in axes.items() if axis != -2},
+                            rank_pattern=_param_ranks(config, order, out, axes))
+    return rest, out, config
+
+
+def _param_ranks(config: LoraConfig, keys: list, out: dict, axes: dict) -> dict[str, int]:
+    """The config's rank_pattern with each parameter target's own rank where it differs."""
+    pattern = dict(config.rank_pattern)
+    for key in keys:
+        rank = out[factors_key(key) + ("lora_A",)].shape[-1]
+        if rank != config.rank:
+            pattern["re:" + re.escape(path_str(key))] = rank
+    return pattern
 
 
 def _agreed(given: dict, recorded: dict | None, what: str, directory: Path) -> dict:

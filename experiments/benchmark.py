@@ -9,6 +9,8 @@ the machine's load hits both; absolute times move with the load (±15% on a shar
 ratios much less. Each training mode also runs alone in its own process for its peak memory.
 Dropout is on in every training step (ours and PEFT's: the models' hidden and attention dropout).
 
+``--moe`` measures LoRA on mixture-of-experts weights instead (``experiments.moe_benchmark``).
+
 Reported: our LoRA step against PEFT's in float32 and in bfloat16 compute (PEFT under
 ``torch.autocast``), our inference forward against transformers', LoRA against full fine-tuning,
 merged and unmerged LoRA forwards against the base forward, peak memory against PEFT's, and (unless
@@ -609,6 +611,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "takes about a minute a step on CPUs without bf16 instructions)")
     p.add_argument("--quantized-base", action="store_true", help="instead: the LoRA step and kernel bytes on an fp32, "
                    "int8 and NF4 base (QLoRA), interleaved in one process")
+    p.add_argument("--moe", action="store_true", help="instead: LoRA on mixture-of-experts weights, both forward paths "
+                   "against the frozen block (flags: python -m experiments.moe_benchmark --help)")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
@@ -621,6 +625,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict[str, Any]:
+    if argv and "--moe" in argv:  # LoRA on mixture-of-experts weights: its own flags (experiments.moe_benchmark)
+        from . import moe_benchmark
+
+        return moe_benchmark.main([a for a in argv if a != "--moe"])
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))

@@ -14,7 +14,7 @@ adapted (the general path). A model written for lora_jax reads the box itself
 (experts, in, out) delta (the grouped path); given a plain array they are jax's own.
 
     >>> import jax.numpy as jnp
-    >>> box = AdaptedParam(jnp.zeros((2, 4, 3)), jnp.ones((2, 4, 1)), jnp.ones((2, 1, 3)), scale=0.5)
+    >>> box = AdaptedParam.of(jnp.zeros((2, 4, 3)), jnp.ones((2, 4, 1)), jnp.ones((2, 1, 3)), scale=0.5)
     >>> box.unbox().shape, float(box.unbox()[0, 0, 0])
     ((2, 4, 3), 0.5)
     >>> ragged_dot(jnp.ones((5, 4)), box, jnp.array([2, 3]))[0].tolist()
@@ -23,7 +23,7 @@ adapted (the general path). A model written for lora_jax reads the box itself
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -57,17 +57,30 @@ class AdaptedParam(struct.PyTreeNode, meta.AxisMetadata):
     """A raw param with its LoRA factors, read as ``W + scale·A·B``; see the module docstring.
 
     Attributes:
+      shape_like: None, or a broadcast zero of a stored value's shape (``of``).
       value: the frozen param W (..., p, q).
       lora_a, lora_b: A (..., p, r), B (..., r, q) in W's axis order.
       scale: alpha / r.
       in_axis: which of W's last two axes is the input (-2: (.., in, out); -1: (.., out, in)).
     """
 
+    shape_like: Any  # None, or for a stored (quantized) value a broadcast zero of its shape (see ``of``)
     value: Any
     lora_a: Any
     lora_b: Any
     scale: float = struct.field(pytree_node=False, default=1.0)
     in_axis: int = struct.field(pytree_node=False, default=-2)
+
+    @classmethod
+    def of(cls, value: Any, lora_a: Any, lora_b: Any, scale: float = 1.0, in_axis: int = -2) -> "AdaptedParam":
+        """The box of ``value`` (an array, or a stored box such as a quantized kernel) and its factors.
+
+        Flax checks a param's first leaf against the shape its module declares; a quantized value's
+        first leaf is its codes, so such a box leads with ``shape_like``, a broadcast zero of the
+        value's shape that nothing computes with (XLA drops it)."""
+        stored = getattr(value, "stays_boxed", False)
+        shape_like = jnp.broadcast_to(jnp.zeros((), jnp.dtype(value.dtype)), value.shape) if stored else None
+        return cls(shape_like, value, lora_a, lora_b, scale, in_axis)
 
     def unbox(self) -> Array:
         w = meta.unbox(self.value)
@@ -90,33 +103,56 @@ def _raw(rhs: Any) -> Any:
     return getter() if callable(getter) else rhs
 
 
+def _through(weight: Any, product: Callable[[Array, Array], Array], x: Array) -> Array:
+    """``product(x, W)``; a stored (quantized) W is dequantized at the point of use, in the forward
+    and the backward pass (its box's ``apply``), so no dequantized expert stack outlives the product."""
+    if getattr(weight, "stays_boxed", False) and hasattr(weight, "apply"):
+        return weight.apply(lambda x, w, _: product(x, w), x)
+    return product(x, meta.unbox(weight))
+
+
 def ragged_dot(lhs: Array, rhs: Any, group_sizes: Array, *, in_axis: int = -2, precision: Any = None,
                preferred_element_type: Any = None) -> Array:
     """``jax.lax.ragged_dot`` for rows sorted by expert, on experts laid out (E, in, out)
     (``in_axis`` -2, JAX's) or (E, out, in) (-1, PyTorch's: each expert applied as ``W[e].T``); an
-    ``AdaptedParam`` ``rhs`` adds its update through the rank (``core.experts.adapted_ragged_dot``),
-    and its config's ``parameter_in_axis`` must agree with ``in_axis``."""
+    ``AdaptedParam`` ``rhs`` adds its update through the rank (``core.experts.ragged_low_rank``), and
+    its config's ``parameter_in_axis`` must agree with ``in_axis``. Quantized experts
+    (``lora_jax.quantize``) are dequantized at the point of use."""
     rhs = _raw(rhs)
-    if isinstance(rhs, AdaptedParam):
-        if rhs.in_axis != in_axis:
+    adapter = rhs if isinstance(rhs, AdaptedParam) else None
+    if adapter is not None:
+        if adapter.in_axis != in_axis:
             raise ValueError(f"ragged_dot(in_axis={in_axis}) on a parameter target whose LoraConfig.parameter_in_axis "
-                             f"is {rhs.in_axis}: set the config's parameter_in_axis for it to {in_axis}")
-        return experts.adapted_ragged_dot(lhs, meta.unbox(rhs.value), group_sizes, rhs.lora_a, rhs.lora_b, rhs.scale,
-                                          in_axis=in_axis, precision=precision,
-                                          preferred_element_type=preferred_element_type)
-    w = meta.unbox(rhs)
-    return jax.lax.ragged_dot(lhs, w if in_axis == -2 else jnp.swapaxes(w, -1, -2), group_sizes, precision=precision,
-                              preferred_element_type=preferred_element_type)
+                             f"is {adapter.in_axis}: set the config's parameter_in_axis for it to {in_axis}")
+        rhs = adapter.value
+
+    def product(x: Array, w: Array) -> Array:
+        return jax.lax.ragged_dot(x, w if in_axis == -2 else jnp.swapaxes(w, -1, -2), group_sizes,
+                                  precision=precision, preferred_element_type=preferred_element_type)
+
+    out = _through(rhs, product, lhs)
+    if adapter is None:
+        return out
+    update = experts.ragged_low_rank(lhs, adapter.lora_a, adapter.lora_b, group_sizes, adapter.scale,
+                                     in_axis=in_axis, dtype=out.dtype, precision=precision)
+    return out + update.astype(out.dtype)
 
 
 def einsum(spec: str, x: Array, rhs: Any, *, precision: Any = None, preferred_element_type: Any = None) -> Array:
     """``jnp.einsum(spec, x, rhs)``; an ``AdaptedParam`` ``rhs`` adds its update through the rank
-    (``core.experts.adapted_einsum``: the kernel's last two letters are its input and output axes)."""
+    (``core.experts.einsum_low_rank``: the kernel's last two letters are its input and output axes).
+    Quantized experts are dequantized at the point of use."""
     rhs = _raw(rhs)
-    if isinstance(rhs, AdaptedParam):
-        return experts.adapted_einsum(spec, x, meta.unbox(rhs.value), rhs.lora_a, rhs.lora_b, rhs.scale,
-                                      precision=precision, preferred_element_type=preferred_element_type)
-    return jnp.einsum(spec, x, meta.unbox(rhs), precision=precision, preferred_element_type=preferred_element_type)
+    adapter = rhs if isinstance(rhs, AdaptedParam) else None
+    if adapter is not None:
+        rhs = adapter.value
+    out = _through(rhs, lambda x, w: jnp.einsum(spec, x, w, precision=precision,
+                                                preferred_element_type=preferred_element_type), x)
+    if adapter is None:
+        return out
+    update = experts.einsum_low_rank(spec, x, adapter.lora_a, adapter.lora_b, adapter.scale, dtype=out.dtype,
+                                     precision=precision)
+    return out + update.astype(out.dtype)
 
 
 def targeted_params(params: Params, config: LoraConfig) -> list[tuple[str, ...]]:
@@ -173,5 +209,5 @@ def box_parameter_targets(params: Params, config: LoraConfig) -> dict:
             continue
         a, b = meta.unbox(flat[key]), meta.unbox(flat[key[:-1] + ("lora_B",)])
         where = path_str(param_key)
-        out[param_key] = AdaptedParam(flat[param_key], a, b, config.scale_for(a.shape[-1]), config.in_axis_for(where))
+        out[param_key] = AdaptedParam.of(flat[param_key], a, b, config.scale_for(a.shape[-1]), config.in_axis_for(where))
     return traverse_util.unflatten_dict(out)

@@ -260,12 +260,23 @@ class KernelQuantizer:
         self.errors: dict[str, dict[str, float]] = {}  # per layer: relative and max_abs error of quantizing
 
     def wants(self, key: tuple[str, ...], shape: tuple[int, ...]) -> bool:
-        """Whether the leaf at ``key`` of ``shape`` is a kernel to quantize."""
-        return key[-1] == "kernel" and len(shape) >= 2 and self.selected(key[:-1])
+        """Whether the leaf at ``key`` of ``shape`` is a kernel to quantize: a selected layer's kernel,
+        or a raw param ``config.target_parameters`` selects (experts)."""
+        if len(shape) < 2:
+            return False
+        return (key[-1] == "kernel" and self.selected(key[:-1])) or self._parameter_target(key)
+
+    def _parameter_target(self, key: tuple[str, ...]) -> bool:
+        return key[-1] not in ("lora_A", "lora_B") and self.config.selects_parameter(path_str(key))
 
     def __call__(self, key: tuple[str, ...], value: Any) -> Any:
         if isinstance(value, meta.AxisMetadata) or not self.wants(key, np.shape(value)):
             return value
+        if self._parameter_target(key) and key[-1] != "kernel":  # experts (E, p, q): codes per expert
+            box, figures = quantize_array(value, self.format, self.block, np.ndim(value) - 2,
+                                           self.config.quantized_compute_dtype, self.measure)
+            self.record(path_str(key), figures)
+            return box
         n_stacked = int(_under(self.stacked, key[:-1]))
         if np.ndim(value) - n_stacked < 2:
             raise ValueError(f"'{path_str(key)}' has shape {np.shape(value)}: too few axes for a stack of kernels "

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.moe import MoeBlock as TinyMoe, moe_apply, route_top_k  # noqa: F401  (the tests' MoE block)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -173,53 +175,6 @@ class NnxTanhMlp(nnx.Module):
 
     def __call__(self, x):
         return self.fc2(jnp.tanh(self.fc1(x)))
-
-
-def route_top_k(logits, k: int):
-    """Top-k routing as Qwen3-MoE does it: softmax over experts, the k largest, renormalised.
-    Returns (weights (tokens, k), experts (tokens, k))."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, chosen = jax.lax.top_k(probs, k)
-    return weights / weights.sum(-1, keepdims=True), chosen
-
-
-def moe_apply(x, weights, chosen, n_experts: int, expert_fn):
-    """Tokens (T, d) sorted by expert, ``expert_fn(sorted rows, group_sizes)`` on them, weighted back."""
-    t, k = chosen.shape
-    flat = chosen.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    rows = jnp.repeat(x, k, axis=0)[order]
-    sizes = jnp.bincount(flat, length=n_experts)
-    out = jnp.zeros((t * k, x.shape[-1]), x.dtype).at[order].set(expert_fn(rows, sizes))
-    return (out.reshape(t, k, -1) * weights[..., None]).sum(1)
-
-
-class TinyMoe(nn.Module):
-    """A mixture-of-experts MLP: a router, top-2 of 4 experts, SwiGLU experts as raw params
-    ``w_in`` (E, d, 2f) and ``w_out`` (E, f, d) applied with ``ragged_dot`` (grouped: through
-    ``lora_jax.ragged_dot`` on the params read as boxes)."""
-
-    hidden: int = 8
-    ffn: int = 6
-    experts: int = 4
-    grouped: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        import lora_jax
-
-        w_in = self.param("w_in", nn.initializers.normal(0.3), (self.experts, self.hidden, 2 * self.ffn),
-                          unbox=not self.grouped)
-        w_out = self.param("w_out", nn.initializers.normal(0.3), (self.experts, self.ffn, self.hidden),
-                           unbox=not self.grouped)
-        dot = lora_jax.ragged_dot if self.grouped else jax.lax.ragged_dot
-        weights, chosen = route_top_k(nn.Dense(self.experts, use_bias=False, name="router")(x), 2)
-
-        def experts(rows, sizes):
-            gate, up = jnp.split(dot(rows, w_in, sizes), 2, axis=-1)
-            return dot(jax.nn.silu(gate) * up, w_out, sizes)
-
-        return moe_apply(x, weights, chosen, self.experts, experts)
 
 
 class NnxTinyMoe(nnx.Module):

@@ -142,3 +142,40 @@ def test_a_param_laid_out_out_by_in_draws_its_input_side_factor_and_both_paths_a
     wrong = lora_jax.lora(_TorchLayoutExperts(), config.replace(parameter_in_axis={}))
     with pytest.raises(ValueError, match="parameter_in_axis"):
         wrong.apply({"params": params}, X)
+
+
+def test_nf4_experts_are_quantized_per_expert_and_the_grouped_step_keeps_no_dequantized_stack():
+    hidden, ffn, experts = 128, 256, 8
+    x = jax.random.normal(jax.random.key(0), (32, hidden))
+    config = LoraConfig(rank=4, alpha=8, targets=(), target_parameters=("w_in", "w_out"))
+    base = TinyMoe(hidden=hidden, ffn=ffn, experts=experts).init(jax.random.key(1), x)["params"]
+    params = lora_jax.init_lora_params(lora_jax.lora(TinyMoe(hidden=hidden, ffn=ffn, experts=experts), config), base,
+                                       jax.random.key(2), x)
+    params = {**params, "w_in_lora": {**params["w_in_lora"], "lora_B": 0.05 * jnp.ones((experts, 4, 2 * ffn))}}
+    quantized = lora_jax.quantize(params, config, "nf4")
+    assert isinstance(quantized["w_in"], lora_jax.QuantizedKernel) and "router" in quantized  # router: not a target
+    int8 = lora_jax.quantize(params, config, "int8")  # one scale per output column: per expert, or over all?
+    for e in (0, experts - 1):  # each expert's codes and scales are its own: the same as quantizing it alone
+        for fmt, whole in (("nf4", quantized), ("int8", int8)):
+            alone = lora_jax.quantize({"w": params["w_in"][e]}, LoraConfig(targets=(), target_parameters=("w",)), fmt)
+            np.testing.assert_allclose(whole["w_in"].unbox()[e], alone["w"].unbox(), rtol=1e-6, atol=1e-7)
+    dequantized = {**quantized, "w_in": quantized["w_in"].unbox(), "w_out": quantized["w_out"].unbox()}
+
+    def step(grouped, tree):
+        model = lora_jax.lora(TinyMoe(hidden=hidden, ffn=ffn, experts=experts, grouped=grouped), config)
+        trainable, frozen = lora_jax.partition(tree, lora_jax.trainable_mask(tree, config))
+        loss = lambda t, x, f: (model.apply({"params": lora_jax.combine(t, f)}, x) ** 2).mean()
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (trainable, x, frozen)
+
+    results, temps = {}, {}
+    for name, grouped, tree in (("read nf4", False, quantized), ("grouped nf4", True, quantized),
+                                ("grouped fp32", True, dequantized)):
+        fn, args = step(grouped, tree)
+        results[name] = fn(*args)
+        temps[name] = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    for name in ("read nf4", "grouped nf4"):  # on the quantized base: the model on its dequantized weights
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results[name],
+                     results["grouped fp32"])
+    stack = experts * hidden * 2 * ffn * 4  # one fp32 w_in stack
+    assert temps["grouped nf4"] <= temps["grouped fp32"], temps
+    assert temps["read nf4"] - temps["grouped nf4"] >= stack, (temps, stack)

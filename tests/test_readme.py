@@ -25,3 +25,12 @@ def test_readme_commands_match_ci():
     install_and_test = test_command.split("&& ", 2)[2]  # after creating and activating the venv
     for part in install_and_test.split(" && "):
         assert part in ci, part
+
+
+def test_readme_moe_example_runs(capsys):
+    block = re.search(r"## Mixture of experts.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert "'lora_A': (8, 64, 4), 'lora_B': (8, 4, 256)" in capsys.readouterr().out
+    mask, merged = namespace["mask"], namespace["merged"]
+    assert mask["w_in_lora"]["lora_A"] and not mask["w_in"] and set(merged) == {"w_in", "w_out"}

@@ -59,21 +59,52 @@ def as_input_major(a: Array, b: Array, in_axis: int) -> tuple[Array, Array]:
     return jnp.swapaxes(b, -1, -2), jnp.swapaxes(a, -1, -2)
 
 
+def expert_of_rows(group_sizes: Array, n_rows: int) -> Array:
+    """Each row's expert, for rows sorted by expert in groups of ``group_sizes`` (rows past the last
+    group get ``len(group_sizes)``: no expert).
+
+    >>> expert_of_rows(jnp.array([2, 0, 1]), 4).tolist()
+    [0, 0, 2, 3]
+    """
+    return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(n_rows), side="right")
+
+
+def ragged_low_rank(x: Array, a: Array, b: Array, group_sizes: Array, scale: float, *, in_axis: int = -2,
+                    dtype: Any = None, precision: Any = None, method: str = "auto") -> Array:
+    """``scale · ragged_dot(ragged_dot(x, A_in), B_out)``: the update of rows x (T, in) sorted by
+    expert, never an (E, in, out) array; A / B in the param's axis order (``in_axis``), in ``dtype``.
+
+    ``method`` 'ragged': two ``ragged_dot`` through the rank (2·T·r·(in + out) multiply-adds with a
+    grouped kernel, as on GPU / TPU). 'stacked': the experts' factors side by side, (in, E·r) and
+    (E·r, out), as two dense matmuls with each row's other experts' rank columns zeroed between them
+    (2·T·E·r·(in + out)); XLA's CPU backend lowers ``ragged_dot`` densely over every expert and
+    keeps a (T, E, out) product, which this avoids. 'auto': 'stacked' on CPU, else 'ragged'.
+    """
+    dtype = dtype or x.dtype
+    a_in, b_out = as_input_major(a, b, in_axis)
+    if method == "auto":
+        method = "stacked" if jax.default_backend() == "cpu" else "ragged"
+    if method == "ragged":
+        h = jax.lax.ragged_dot(x.astype(dtype), a_in.astype(dtype), group_sizes, precision=precision)
+        return scale * jax.lax.ragged_dot(h, b_out.astype(dtype), group_sizes, precision=precision)
+    if method != "stacked":
+        raise ValueError(f"method must be 'auto', 'ragged' or 'stacked', got {method!r}")
+    n_experts, n_in, rank = a_in.shape
+    a_all = jnp.moveaxis(a_in, 0, 1).reshape(n_in, n_experts * rank).astype(dtype)  # (in, E·r)
+    b_all = b_out.reshape(n_experts * rank, -1).astype(dtype)  # (E·r, out)
+    own = jax.nn.one_hot(expert_of_rows(group_sizes, x.shape[0]), n_experts, dtype=dtype)  # (T, E)
+    h = jnp.matmul(x.astype(dtype), a_all, precision=precision).reshape(-1, n_experts, rank) * own[:, :, None]
+    return scale * jnp.matmul(h.reshape(-1, n_experts * rank), b_all, precision=precision)
+
+
 def adapted_ragged_dot(x: Array, w: Array, group_sizes: Array, a: Array, b: Array, scale: float, *,
                        in_axis: int = -2, precision: Any = None, preferred_element_type: Any = None) -> Array:
     """``ragged_dot(x, W + scale·A·B, group_sizes)`` without forming A·B: x (T, in) sorted by expert,
-    W (E, in, out) (``in_axis`` -2) or (E, out, in) (-1), A / B in W's axis order -> (T, out).
-
-    The update is ``ragged_dot(ragged_dot(x, A_in), B_out)``, both grouped by the same
-    ``group_sizes``: 2·T·r·(in + out) multiply-adds beside the base's T·in·out.
-    """
+    W (E, in, out) (``in_axis`` -2) or (E, out, in) (-1), A / B in W's axis order -> (T, out)."""
     w_in = w if in_axis == -2 else jnp.swapaxes(w, -1, -2)
     base = jax.lax.ragged_dot(x, w_in, group_sizes, precision=precision, preferred_element_type=preferred_element_type)
-    a_in, b_out = as_input_major(a, b, in_axis)
-    dtype = base.dtype
-    h = jax.lax.ragged_dot(x.astype(dtype), a_in.astype(dtype), group_sizes, precision=precision)
-    update = jax.lax.ragged_dot(h, b_out.astype(dtype), group_sizes, precision=precision)
-    return base + (scale * update).astype(dtype)
+    update = ragged_low_rank(x, a, b, group_sizes, scale, in_axis=in_axis, dtype=base.dtype, precision=precision)
+    return base + update.astype(base.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +149,24 @@ def parse_expert_einsum(spec: str) -> ExpertEinsum:
     return parsed
 
 
+def einsum_low_rank(spec: str, x: Array, a: Array, b: Array, scale: float, *, dtype: Any = None,
+                    precision: Any = None) -> Array:
+    """``scale · einsum(spec, x, A·B)`` through the rank, without forming A·B; A and B follow the
+    kernel's axis order (A (..., p, r), B (..., r, q)), computed in ``dtype``."""
+    parsed = parse_expert_einsum(spec)
+    dtype = dtype or x.dtype
+    free = iter(c for c in string.ascii_letters if c not in parsed.lhs + parsed.rhs + parsed.out)
+    r = next(free)
+    lead, p, q = parsed.rhs[:-2], parsed.rhs[-2], parsed.rhs[-1]
+    a_spec, b_spec = lead + p + r, lead + r + q
+    input_first = p in parsed.lhs
+    first, second = (a_spec, b_spec) if input_first else (b_spec, a_spec)
+    first_factor, second_factor = (a, b) if input_first else (b, a)
+    hidden = "".join(c for c in parsed.lhs if c != (p if input_first else q)) + r
+    h = jnp.einsum(f"{parsed.lhs},{first}->{hidden}", x.astype(dtype), first_factor.astype(dtype), precision=precision)
+    return scale * jnp.einsum(f"{hidden},{second}->{parsed.out}", h, second_factor.astype(dtype), precision=precision)
+
+
 def adapted_einsum(spec: str, x: Array, w: Array, a: Array, b: Array, scale: float, *, precision: Any = None,
                    preferred_element_type: Any = None) -> Array:
     """``einsum(spec, x, W + scale·A·B)`` through the rank, without forming A·B; A and B follow W's
@@ -127,17 +176,5 @@ def adapted_einsum(spec: str, x: Array, w: Array, a: Array, b: Array, scale: flo
     ...                jnp.ones((2, 1, 5)), scale=1.0)[0, 0].tolist()
     [4.0, 4.0, 4.0, 4.0, 4.0]
     """
-    parsed = parse_expert_einsum(spec)
     base = jnp.einsum(spec, x, w, precision=precision, preferred_element_type=preferred_element_type)
-    free = iter(c for c in string.ascii_letters if c not in parsed.lhs + parsed.rhs + parsed.out)
-    r = next(free)
-    lead, p, q = parsed.rhs[:-2], parsed.rhs[-2], parsed.rhs[-1]
-    a_spec, b_spec = lead + p + r, lead + r + q
-    first, second = (a_spec, b_spec) if p in parsed.lhs else (b_spec, a_spec)
-    first_factor, second_factor = (a, b) if p in parsed.lhs else (b, a)
-    contracted = p if p in parsed.lhs else q
-    hidden = "".join(c for c in parsed.lhs if c != contracted) + r
-    dtype = base.dtype
-    h = jnp.einsum(f"{parsed.lhs},{first}->{hidden}", x.astype(dtype), first_factor.astype(dtype), precision=precision)
-    update = jnp.einsum(f"{hidden},{second}->{parsed.out}", h, second_factor.astype(dtype), precision=precision)
-    return base + (scale * update).astype(dtype)
+    return base + einsum_low_rank(spec, x, a, b, scale, dtype=base.dtype, precision=precision).astype(base.dtype)

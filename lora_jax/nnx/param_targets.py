@@ -48,7 +48,7 @@ def _read(self: Any, name: str) -> Any:
         return value
     scale, in_axis = targets[name]
     factors = object.__getattribute__(self, name + FACTORS_SUFFIX)
-    return AdaptedView(AdaptedParam(value.get_raw_value(), factors.lora_A[...], factors.lora_B[...], scale, in_axis))
+    return AdaptedView(AdaptedParam.of(value.get_raw_value(), factors.lora_A[...], factors.lora_B[...], scale, in_axis))
 
 
 def _adapted_class(cls: type) -> type:
@@ -102,7 +102,7 @@ def merge_parameter_targets(model: nnx.Module) -> None:
         for name, (scale, in_axis) in targets.items():
             variable = module.__dict__[name]
             factors = module.__dict__[name + FACTORS_SUFFIX]
-            merged = AdaptedParam(variable[...], factors.lora_A[...], factors.lora_B[...], scale, in_axis).unbox()
+            merged = AdaptedParam.of(variable[...], factors.lora_A[...], factors.lora_B[...], scale, in_axis).unbox()
             variable[...] = merged
             delattr(module, name + FACTORS_SUFFIX)
         del module.lora_param_targets

@@ -4,7 +4,8 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from lora_jax.core.experts import adapted_einsum, adapted_ragged_dot, parameter_shapes, parse_expert_einsum
+from lora_jax.core.experts import (adapted_einsum, adapted_ragged_dot, parameter_shapes, parse_expert_einsum,
+                                   ragged_low_rank)
 
 RNG = np.random.default_rng(0)
 
@@ -56,3 +57,13 @@ def test_shapes_need_two_axes_and_a_known_input_axis():
         parameter_shapes((8,), 2)
     with pytest.raises(ValueError, match="in_axis"):
         parameter_shapes((2, 3, 4), 2, in_axis=0)
+
+
+@pytest.mark.parametrize("method", ["ragged", "stacked"])
+def test_both_grouped_methods_give_each_rows_own_update_and_zero_past_the_groups(method):
+    sizes = np.array([2, 3, 0, 1])  # 6 of 8 rows belong to an expert; the last two to none
+    x, a, b = _f32(8, 5), _f32(4, 5, 3), _f32(4, 3, 7)
+    got = np.asarray(ragged_low_rank(jnp.asarray(x), a, b, jnp.asarray(sizes), 1.5, method=method))
+    want = _per_expert(x[:6], np.zeros((4, 5, 7)), sizes, 1.5 * np.einsum("epr,erq->epq", a.astype(np.float64), b))
+    np.testing.assert_allclose(got[:6], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[6:], 0.0)

@@ -24,6 +24,7 @@ from flax import traverse_util
 from .adapters import Adapter, check_adapter_fits, check_targets_cover, extract_adapter
 from .config import LoraConfig
 from .core.kinds import BASE_LEAVES, BROADCAST, factor_layout
+from .core.variants import PER_OUTPUT_LEAVES
 from .finite import nonfinite_leaves
 from .folder_swap import folder_path, locked, recover_folder, replace_folder
 from .param_targets import FACTORS_SUFFIX, factors_key
@@ -304,7 +305,7 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
         if leaf == "lora_A":
             a, b = value, adapter[module + ("lora_B",)]
             layout, stacked = _layout(flat, module, a, b)
-            magnitude = adapter.get(module + ("lora_magnitude",))
+            per_output = {leaf: adapter[module + (leaf,)] for leaf in PER_OUTPUT_LEAVES if module + (leaf,) in adapter}
             order_in, order_out = usage.orders(path)
             if (order_in, order_out) != (None, None) and layout != "linear":
                 raise ValueError(f"flatten_order: layer '{path}' is a{'n' if layout[0] in 'ae' else ''} {layout} "
@@ -319,14 +320,14 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
                 name = usage.name(path, index)
                 ranks[name] = a_i.shape[-1]
                 tensors.update(_factors_to_torch(PREFIX + name, layout, a_i, b_i))
-                if magnitude is not None:
+                for leaf_name, magnitude in per_output.items():  # a variant's per-output leaf (DoRA's magnitude)
                     m = magnitude if index is None else magnitude[index]
                     if layout == "linear" and order_out is not None:
                         m = _reorder(m.reshape(1, -1), outs, order_out, True, False, f"layer '{path}' outputs")
                     n_out = m.shape[-1]
-                    tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.reshape(
+                    tensors[f"{PREFIX}{name}.{PER_OUTPUT_LEAVES[leaf_name]}"] = m.reshape(
                         (1, n_out, 1, 1) if layout == "conv" else (-1,))
-        elif leaf not in ("lora_B", "lora_magnitude"):
+        elif leaf != "lora_B" and leaf not in PER_OUTPUT_LEAVES:
             torch_leaf, converted = _to_torch(leaf, value)
             tensors[f"{PREFIX}{usage.name(path, None)}.{torch_leaf}"] = converted
     usage.check_all_used("of the adapter")
@@ -616,11 +617,12 @@ def _read_tensor(parts: list[str], value: np.ndarray, flat_base: dict | None) ->
             raise ValueError(f"a LoRA factor is 2-D (Linear, Embedding) or 4-D (Conv2d), this one is {value.ndim}-D")
         leaf = parts[-2] if parts[-1] == "weight" else "lora_" + parts[-1][-1]
         return tuple(parts[:-2] if parts[-1] == "weight" else parts[:-1]) + (leaf,), _our_layout(value)
-    if parts[-1] == "lora_magnitude_vector":
+    ours = {peft_name: leaf for leaf, peft_name in PER_OUTPUT_LEAVES.items()}
+    if parts[-1] in ours:  # a variant's per-output leaf (DoRA's lora_magnitude_vector)
         if value.ndim not in (1, 4) or (value.ndim == 4 and (value.shape[0], *value.shape[2:]) != (1, 1, 1)):
-            raise ValueError("a DoRA magnitude is (out,) or, for Conv2d, (1, out, 1, 1)")
+            raise ValueError(f"a per-output {parts[-1]} is (out,) or, for Conv2d, (1, out, 1, 1)")
         n_out = value.shape[1] if value.ndim == 4 else value.shape[-1]
-        return tuple(parts[:-1]) + ("lora_magnitude",), value.reshape((1, 1, 1, n_out) if value.ndim == 4 else (1, n_out))
+        return tuple(parts[:-1]) + (ours[parts[-1]],), value.reshape((1, 1, 1, n_out) if value.ndim == 4 else (1, n_out))
     module = tuple(parts[:-1])
     leaf = _our_leaf(module, parts[-1], value, flat_base)
     if leaf == "kernel" and value.ndim not in (2, 4):
@@ -651,7 +653,8 @@ def _to_our_modules(out: dict, config: LoraConfig, flat_base: dict, usage: _Usag
             result[key] = value
             continue
         module, index, layout = names[torch_name]
-        if leaf in ("lora_A", "lora_B", "lora_magnitude") and layout is not None and module + (leaf,) in flat_base:
+        if (leaf in ("lora_A", "lora_B") or leaf in PER_OUTPUT_LEAVES) and layout is not None and \
+                module + (leaf,) in flat_base:
             like = tuple(flat_base[module + (leaf,)].shape)
             like = like[1:] if index is not None else like
             order_in, order_out = usage.orders("/".join(module))
@@ -682,14 +685,14 @@ def _from_torch_order(value: np.ndarray, leaf: str, kernel: tuple[int, ...], ord
     ins, outs = _split_axes(tuple(kernel), n_in, path)
     if leaf == "lora_A":
         return _reorder(value, ins, order_in, False, True, f"layer '{path}' inputs")
-    flat = value.reshape(1, -1) if leaf == "lora_magnitude" else value
+    flat = value.reshape(1, -1) if leaf in PER_OUTPUT_LEAVES else value
     return _reorder(flat, outs, order_out, True, True, f"layer '{path}' outputs").reshape(value.shape)
 
 
 def _into_layout(value: np.ndarray, leaf: str, layout: str, like: tuple[int, ...]) -> np.ndarray:
     """A factor as read from PEFT (Linear: A (in, r), B (r, out)) in the ``layout`` of our leaf shaped
     ``like`` (one layer's shape; the rank may differ from ``like``'s)."""
-    if leaf == "lora_magnitude":
+    if leaf in PER_OUTPUT_LEAVES:
         return value.reshape(like)
     if leaf == "lora_A":
         return value.reshape(like[:-1] + (value.shape[-1],))

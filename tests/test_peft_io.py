@@ -566,7 +566,7 @@ def test_non_finite_or_misshapen_peft_tensors_are_named(tmp_path):
             ({"base_model.model.fc1.lora_A.weight": np.ones(20, np.float32),
               "base_model.model.fc1.lora_B.weight": np.ones((16, 2), np.float32)}, r"fc1.lora_A.weight' of shape \(20,\): a LoRA factor is 2-D"),
             ({"base_model.model.fc1.lora_A.weight": a, "base_model.model.fc1.lora_B.weight": np.ones((16, 2), np.float32),
-              "base_model.model.fc1.lora_magnitude_vector": np.ones((2, 16), np.float32)}, r"a DoRA magnitude is \(out,\)")):
+              "base_model.model.fc1.lora_magnitude_vector": np.ones((2, 16), np.float32)}, r"a per-output lora_magnitude_vector is \(out,\)")):
         save_file(tensors, weights)
         with pytest.raises(ValueError, match=message):
             lora_jax.import_peft(tmp_path)

@@ -113,7 +113,6 @@ class ExpertEinsum:
 
     Attributes:
       lhs, rhs, out: the input's, the kernel's and the output's letters.
-      expert: kernel letters also in the input and the output (the expert axis, a stack's axis).
     """
 
     lhs: str
@@ -122,13 +121,16 @@ class ExpertEinsum:
 
     @property
     def batch(self) -> str:
-        return "".join(c for c in self.rhs[:-2] if c in self.lhs and c in self.out)
+        """The kernel's leading (expert) letters: in the output, and in the input or not (an input
+        every expert sees, 'td,edf->tef')."""
+        return "".join(c for c in self.rhs[:-2] if c in self.out)
 
 
 def parse_expert_einsum(spec: str) -> ExpertEinsum:
     """Split an explicit ``'x,kernel->out'`` spec whose kernel's last two letters are the param's p and
     q axes (one contracted with the input, the other in the output) and whose leading kernel letters
-    are shared with the input and the output (experts).
+    are in the output (experts: in the input too when tokens are dispatched per expert,
+    'ecd,edf->ecf', or not when every expert sees every token, 'td,edf->tef').
 
     >>> parse_expert_einsum("ecd,edf->ecf").batch
     'e'
@@ -144,8 +146,8 @@ def parse_expert_einsum(spec: str) -> ExpertEinsum:
         (q in lhs and q not in out and p in out and p not in lhs)
     if len(rhs) < 2 or not roles_ok or len(parsed.batch) != len(rhs) - 2:
         raise ValueError(f"expert einsum {spec!r}: the kernel's last two axes must be its input and output axes "
-                         f"(one contracted, one kept) and every other kernel axis an expert axis shared with the "
-                         f"input and the output, e.g. 'ecd,edf->ecf'")
+                         f"(one contracted, one kept) and every other kernel axis an expert axis kept in the output, "
+                         f"e.g. 'ecd,edf->ecf' or 'td,edf->tef'")
     return parsed
 
 
@@ -162,7 +164,8 @@ def einsum_low_rank(spec: str, x: Array, a: Array, b: Array, scale: float, *, dt
     input_first = p in parsed.lhs
     first, second = (a_spec, b_spec) if input_first else (b_spec, a_spec)
     first_factor, second_factor = (a, b) if input_first else (b, a)
-    hidden = "".join(c for c in parsed.lhs if c != (p if input_first else q)) + r
+    hidden = "".join(c for c in parsed.lhs if c != (p if input_first else q))
+    hidden += "".join(c for c in lead if c not in hidden) + r
     h = jnp.einsum(f"{parsed.lhs},{first}->{hidden}", x.astype(dtype), first_factor.astype(dtype), precision=precision)
     return scale * jnp.einsum(f"{hidden},{second}->{parsed.out}", h, second_factor.astype(dtype), precision=precision)
 

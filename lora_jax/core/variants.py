@@ -64,6 +64,7 @@ class Variant(Protocol):
     layouts: tuple[str, ...]  # the factor layouts it supports (``kinds.MATRIX`` ...)
     uses_base_term: bool  # its output needs dropout(x) through the frozen weight
     peft_config: Mapping[str, Any] | None  # adapter_config.json settings of its PEFT files; None: plain LoRA form
+    peft_names: Mapping[str, str]  # its per-output leaves' names in PEFT files (DoRA: lora_magnitude_vector)
 
     def selected_by(self, config: Any) -> bool:
         """Whether a ``LoraConfig`` asks for this variant."""
@@ -115,6 +116,7 @@ class PlainLora:
     layouts = (MATRIX, BROADCAST, CONV)
     uses_base_term = False
     peft_config: Mapping[str, Any] | None = {"use_dora": False}
+    peft_names: Mapping[str, str] = {}
 
     def selected_by(self, config: Any) -> bool:
         return not config.use_dora and config.init != "pissa"
@@ -178,6 +180,7 @@ class Dora:
     layouts = (MATRIX, CONV)  # an einsum layer has no base term (dropout(x) through W) to rescale
     uses_base_term = True
     peft_config: Mapping[str, Any] | None = {"use_dora": True}
+    peft_names: Mapping[str, str] = {"lora_magnitude": "lora_magnitude_vector"}
 
     def selected_by(self, config: Any) -> bool:
         return bool(config.use_dora)
@@ -240,6 +243,7 @@ class Pissa:
     layouts = (MATRIX,)
     uses_base_term = False
     peft_config: Mapping[str, Any] | None = None  # PEFT's own PiSSA files need its residual base: export as LoRA
+    peft_names: Mapping[str, str] = {}
 
     def selected_by(self, config: Any) -> bool:
         return config.init == "pissa"
@@ -280,6 +284,9 @@ PISSA = Pissa()
 VARIANTS = (LORA, DORA, PISSA)
 ADAPTER_LEAVES: tuple[str, ...] = ("lora_A", "lora_B") + tuple(leaf for v in VARIANTS for leaf in v.leaves)
 FROZEN_ADAPTER_LEAVES: frozenset[str] = frozenset(leaf for v in VARIANTS for leaf in v.frozen)
+# per-output leaves (role 'magnitude') and their names in PEFT files, over every variant
+PER_OUTPUT_LEAVES: dict[str, str] = {leaf: v.peft_names[leaf] for v in VARIANTS
+                                     for leaf, role in v.leaf_roles.items() if role == "magnitude"}
 # factor pairs (A-like, B-like) of every variant: lora_A / lora_B, PiSSA's lora_A_init / lora_B_init
 FACTOR_PAIRS: dict[str, str] = {"lora_A": "lora_B", **{
     a: b for v in VARIANTS for a, b in zip([k for k, r in v.leaf_roles.items() if r == "a"],

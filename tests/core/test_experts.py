@@ -37,9 +37,10 @@ def test_ragged_dot_adds_each_experts_own_update(in_axis):
     assert shapes.fan_in == 6 and shapes.n_out == 5
 
 
-@pytest.mark.parametrize("spec, w_shape", [("ecd,edf->ecf", (3, 4, 5)), ("ecd,efd->ecf", (3, 5, 4))])
+@pytest.mark.parametrize("spec, w_shape", [("ecd,edf->ecf", (3, 4, 5)), ("ecd,efd->ecf", (3, 5, 4)),
+                                           ("tcd,edf->tecf", (3, 4, 5))])
 def test_einsum_with_an_expert_axis_equals_the_einsum_with_the_dense_update(spec, w_shape):
-    x, w = _f32(3, 7, 4), _f32(*w_shape)
+    x, w = _f32(3, 7, 4), _f32(*w_shape)  # 'tcd': every expert sees every token
     a, b = _f32(3, w_shape[1], 2), _f32(3, 2, w_shape[2])
     dense = w + 2.0 * np.einsum("epr,erq->epq", a.astype(np.float64), b)
     np.testing.assert_allclose(adapted_einsum(spec, x, w, a, b, 2.0), np.einsum(spec, x.astype(np.float64), dense),

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -224,3 +225,29 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], steps: int, warmup: int = 2,
+                max_seconds: float = float("inf"), min_rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Call every function once per round (A B C, A B C, ...): first call (compile), then ``warmup``
+    untimed rounds, then ``steps`` timed rounds (fewer, but at least ``min_rounds``, once the timed rounds
+    have taken ``max_seconds``). Returns {name: {"first_s", "median_s", "min_s", "rounds"}}."""
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    began = time.perf_counter()
+    for round_ in range(steps):
+        if round_ >= min_rounds and time.perf_counter() - began > max_seconds:
+            break
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"first_s": first[name], "median_s": statistics.median(t), "min_s": min(t), "rounds": len(t)}
+            for name, t in times.items()}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import machine_info, make_parser, output_dir, positive_int, print_table, run_cli, write_json
+from .common import interleaved, machine_info, make_parser, output_dir, positive_int, print_table, run_cli, write_json
 
 TARGET = 1.2  # path (b): at most this many times the frozen block's forward + input gradient
 
@@ -76,8 +76,6 @@ def _steps(experts: int, args: argparse.Namespace) -> dict[str, Any]:
 def measure(experts: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per step: median time, its ratio to the frozen block, XLA temporary bytes."""
     import jax
-
-    from .benchmark import interleaved
 
     steps = _steps(experts, args)
     temps = {name: fn.lower(*a).compile().memory_analysis().temp_size_in_bytes for name, (fn, a) in steps.items()}

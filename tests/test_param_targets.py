@@ -145,8 +145,8 @@ def test_a_param_laid_out_out_by_in_draws_its_input_side_factor_and_both_paths_a
 
 
 def test_nf4_experts_are_quantized_per_expert_and_the_grouped_step_keeps_no_dequantized_stack():
-    hidden, ffn, experts = 128, 256, 8
-    x = jax.random.normal(jax.random.key(0), (32, hidden))
+    hidden, ffn, experts = 64, 128, 8
+    x = jax.random.normal(jax.random.key(0), (16, hidden))
     config = LoraConfig(rank=4, alpha=8, targets=(), target_parameters=("w_in", "w_out"))
     base = TinyMoe(hidden=hidden, ffn=ffn, experts=experts).init(jax.random.key(1), x)["params"]
     params = lora_jax.init_lora_params(lora_jax.lora(TinyMoe(hidden=hidden, ffn=ffn, experts=experts), config), base,

@@ -7,18 +7,19 @@ import json
 import pytest
 
 from experiments import benchmark
+from experiments.common import interleaved
 
 
 def test_interleaved_timing_alternates_the_functions():
     calls = []
-    result = benchmark.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=3, warmup=1)
+    result = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=3, warmup=1)
     assert calls == ["a", "b"] * 5  # first calls, one warm-up round, three timed rounds: always A B A B
     assert set(result) == {"a", "b"} and all(r["min_s"] <= r["median_s"] and r["rounds"] == 3 for r in result.values())
 
 
 def test_interleaved_timing_stops_at_its_time_budget_after_the_minimum_rounds():
     calls = []
-    result = benchmark.interleaved({"a": lambda: calls.append("a")}, steps=50, warmup=0, max_seconds=0.0,
+    result = interleaved({"a": lambda: calls.append("a")}, steps=50, warmup=0, max_seconds=0.0,
                                    min_rounds=2)
     assert len(calls) == 3 and result["a"]["rounds"] == 2  # first call, then two timed rounds, not fifty
 

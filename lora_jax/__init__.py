@@ -27,7 +27,7 @@ from .nnx.transform import nnx_functional, nnx_trainable
 from .nnx.trees import load_nnx_params, nnx_params
 from .nnx.variables import QuantizedParam
 from .optim import lora_plus, lora_plus_labels
-from .param_targets import AdaptedParam, einsum, ragged_dot
+from .param_targets import AdaptedParam, einsum, ragged_dot  # einsum / ragged_dot: not in __all__ (jax's names)
 from .peft_io import import_peft
 from .quantize import KernelQuantizer, QuantizedKernel
 from .resume import CheckpointSaveError, TrainCheckpointer
@@ -65,7 +65,6 @@ __all__ = [
     "count_parameters",
     "dropout",
     "dropout_rngs",
-    "einsum",
     "init_lora_params",
     "lora",
     "load_nnx_params",
@@ -82,7 +81,6 @@ __all__ = [
     "partition",
     "print_trainable_parameters",
     "quantize",
-    "ragged_dot",
     "KernelQuantizer",
     "read_params",
     "save_params",

@@ -58,7 +58,8 @@ class LoraConfig:
         meeting fp32 activations is converted back, and the step measured slower (README, QLoRA).
       target_parameters: raw params to adapt by path (PEFT's ``target_parameters``), e.g. a mixture of
         experts' ``experts/w_in`` of shape (experts, in, out): one (A, B) per expert, wherever the
-        model reads the param (``lora_jax.param_targets``). Plain LoRA only.
+        model reads the param (``lora_jax.param_targets``). Plain LoRA only; ``dropout`` does not
+        reach them (read as a weight, the update has no input of its own to drop; PEFT refuses it).
       parameter_in_axis: ``{pattern: -2 | -1}``: which axis of a targeted param is its input; -2
         (default) for JAX's ``x @ W`` layout (experts, in, out), -1 for PyTorch's (experts, out, in).
 

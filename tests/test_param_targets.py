@@ -179,3 +179,32 @@ def test_nf4_experts_are_quantized_per_expert_and_the_grouped_step_keeps_no_dequ
     stack = experts * hidden * 2 * ffn * 4  # one fp32 w_in stack
     assert temps["grouped nf4"] <= temps["grouped fp32"], temps
     assert temps["read nf4"] - temps["grouped nf4"] >= stack, (temps, stack)
+
+
+class _ScannedExperts(__import__("flax").linen.Module):
+    """Three layers under nn.scan, each a dense mixture 'td,edf->tf' over 4 experts of (6, 6)."""
+
+    @__import__("flax").linen.compact
+    def __call__(self, x):
+        def block(module, h, _):
+            w = module.param("w", jax.nn.initializers.normal(0.3), (4, 6, 6))
+            return jnp.tanh(jnp.einsum("td,edf->tf", h, w)), None
+
+        stack = __import__("flax").linen.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return stack(self, x, None)[0]
+
+
+def test_params_of_a_scanned_stack_get_factors_per_layer_and_expert():
+    x = jax.random.normal(jax.random.key(0), (5, 6))
+    config = LoraConfig(rank=2, alpha=2, targets=(), target_parameters=("w",))
+    model = lora_jax.lora(_ScannedExperts(), config)
+    params = model.init(jax.random.key(1), x)["params"]
+    assert jax.tree.map(jnp.shape, params["w_lora"]) == {"lora_A": (3, 4, 6, 2), "lora_B": (3, 4, 2, 6)}
+    params["w_lora"]["lora_B"] = 0.1 * jax.random.normal(jax.random.key(2), (3, 4, 2, 6))
+    w = np.asarray(params["w"], np.float64) + np.asarray(params["w_lora"]["lora_A"], np.float64) @ np.asarray(
+        params["w_lora"]["lora_B"])
+    h = np.asarray(x, np.float64)
+    for layer in range(3):
+        h = np.tanh(np.einsum("td,edf->tf", h, w[layer]))
+    np.testing.assert_allclose(model.apply({"params": params}, x), h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_ScannedExperts().apply({"params": lora_jax.merge(params, config)}, x), h, atol=1e-5)

@@ -155,10 +155,17 @@ def einsum(spec: str, x: Array, rhs: Any, *, precision: Any = None, preferred_el
     return out + update.astype(out.dtype)
 
 
+def _shape(leaf: Any) -> tuple[int, ...]:
+    """A leaf's shape, a box's without unboxing it (a quantized param is not dequantized to be measured)."""
+    if isinstance(leaf, meta.AxisMetadata):
+        return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(jnp.shape(leaf.unbox()))
+    return tuple(jnp.shape(leaf))
+
+
 def targeted_params(params: Params, config: LoraConfig) -> list[tuple[str, ...]]:
     """The keys of the raw params ``config.target_parameters`` selects (LoRA factors and the weights
     of layers LoRA adapts as layers are never raw params)."""
-    flat = traverse_util.flatten_dict(meta.unbox(dict(params)))
+    flat = traverse_util.flatten_dict(dict(params))
     return [key for key in flat if key[-1] not in ("lora_A", "lora_B") and key[:-1] + ("lora_A",) not in flat
             and param_key_of(key[:-1], flat) is None and config.selects_parameter(path_str(key))]
 
@@ -170,20 +177,19 @@ def init_parameter_factors(params: Params, config: LoraConfig, key: Array) -> di
     ValueError names a pattern that matches no raw param (listing the params that exist) and a
     rank above the param's widths.
     """
-    flat = traverse_util.flatten_dict(meta.unbox(dict(params)))
+    flat = {k: _shape(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
     chosen = targeted_params(params, config)
     missing = [t for t in config.target_parameters if not any(matches(t, path_str(k)) for k in chosen)]
     if missing:
-        listing = "\n".join(f"  {path_str(k)}  {tuple(v.shape)}" for k, v in sorted(flat.items())
-                            if getattr(v, "ndim", 0) >= 2 and k[-1] not in ("lora_A", "lora_B"))
+        listing = "\n".join(f"  {path_str(k)}  {shape}" for k, shape in sorted(flat.items())
+                            if len(shape) >= 2 and k[-1] not in ("lora_A", "lora_B"))
         raise ValueError(f"target_parameters {missing} matched no param (of at least 2 dimensions). The params:\n"
                          f"{listing}")
     out = {}
     for i, param_key in enumerate(chosen):
         where = path_str(param_key)
-        weight = flat[param_key]
         rank, in_axis = config.rank_for(where), config.in_axis_for(where)
-        shapes = experts.parameter_shapes(tuple(weight.shape), rank, in_axis)
+        shapes = experts.parameter_shapes(flat[param_key], rank, in_axis)
         if rank > min(shapes.n_in, shapes.n_out):
             raise ValueError(f"LoRA rank {rank} exceeds min(in, out) = min({shapes.n_in}, {shapes.n_out}) of "
                              f"parameter '{where}'")

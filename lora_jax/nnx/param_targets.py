@@ -20,6 +20,7 @@ from flax.nnx import variablelib
 from ..config import LoraConfig
 from ..param_targets import FACTORS_SUFFIX, AdaptedParam, init_parameter_factors
 from ..targets import path_str
+from .variables import QuantizedParam
 
 _ADAPTED: dict[type, type] = {}  # the user's module class -> its class with parameter targets
 _BASE_OF: dict[type, type] = {}
@@ -68,13 +69,14 @@ def add_parameter_targets(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs)
     params = {}
     for path, module in nnx.iter_modules(model):
         for name, value in vars(module).items():
-            if isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam):
+            stored = isinstance(value, QuantizedParam)  # a quantized param: its box (codes), not read out
+            if (isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam)) or stored:
                 key = tuple(str(p) for p in path) + (name,)
                 owners[key] = module
                 node = params
                 for part in key[:-1]:
                     node = node.setdefault(part, {})
-                node[key[-1]] = value[...]
+                node[key[-1]] = value.get_raw_value() if stored else value[...]
     factors = init_parameter_factors(params, config, rngs.params())
     for key in factors:
         if key[-1] != "lora_A":

@@ -55,5 +55,31 @@ def _quantize_layers(model: nnx.Module, quantizer: KernelQuantizer, layers: str,
         module.kernel = QuantizedParam(box)
         if not is_adapted(module):  # an adapted layer's call already dequantizes at the point of use
             module.__class__ = quantized_class(type(module))
+    already = _quantize_parameter_targets(model, quantizer, config) or already
     check_chosen(quantizer.chosen, layers, config, already)
     return model
+
+
+def _quantize_parameter_targets(model: nnx.Module, quantizer: KernelQuantizer, config: LoraConfig) -> bool:
+    """Each raw ``nnx.Param`` that ``config.target_parameters`` selects (experts (E, p, q): codes per
+    expert) becomes a ``QuantizedParam``; reading it dequantizes, and ``lora_jax.ragged_dot`` /
+    ``einsum`` dequantize it at the point of use. Returns whether one was quantized before."""
+    if not config.target_parameters:
+        return False
+    already = False
+    for path, module in list(nnx.iter_modules(model)):
+        for name, variable in list(vars(module).items()):
+            where = "/".join(str(p) for p in path + (name,))
+            if not config.selects_parameter(where) or isinstance(variable, nnx.LoRAParam):
+                continue
+            if isinstance(variable, QuantizedParam):
+                already = True
+                continue
+            if not isinstance(variable, nnx.Param) or variable[...].ndim < 2:
+                continue
+            value = variable[...]
+            box, figures = quantize_array(value, quantizer.format, quantizer.block, value.ndim - 2,
+                                           config.quantized_compute_dtype, quantizer.measure)
+            quantizer.record(where, figures)
+            setattr(module, name, QuantizedParam(box))
+    return already

@@ -28,3 +28,16 @@ def test_nnx_experts_adapt_in_place_train_and_merge(grouped):
     np.testing.assert_allclose(merged(X), model(X), atol=1e-5)
     with pytest.raises(ValueError, match="already has LoRA"):
         lora_jax.lora(model, CONFIG.replace(targets=()), rngs=nnx.Rngs(2))
+
+
+def test_nnx_experts_quantize_per_expert_and_train_on_the_nf4_base():
+    model = NnxTinyMoe(nnx.Rngs(0), grouped=True)
+    lora_jax.quantize(model, CONFIG, "nf4")
+    assert isinstance(model.w_in, lora_jax.QuantizedParam) and isinstance(model.router.kernel, lora_jax.QuantizedParam)
+    dequantized = {"w_in": model.w_in[...], "w_out": model.w_out[...]}
+    lora_jax.lora(model, CONFIG, rngs=nnx.Rngs(1))
+    params = _moved(lora_jax.nnx_params(model))
+    lora_jax.load_nnx_params(model, lora_jax.lora_leaves(params))
+    reference = {**params, **dequantized, "router": {**params["router"], "kernel": model.router.kernel[...]}}
+    np.testing.assert_allclose(model(X), _reference(reference, X), rtol=1e-4, atol=1e-5)
+    assert isinstance(model.w_in.get_raw_value().value, lora_jax.QuantizedKernel)  # the view's box holds the codes

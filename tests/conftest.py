@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # The tests run tiny models, whose cost is XLA's compile time, most of it LLVM optimising the generated
 # code, which buys nothing at these sizes: a third of the suite's CPU time. Set before jax starts its
 # backend; subprocesses of the tests inherit it. Numerics and XLA's buffer sizes do not depend on it.
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp
-import pytest
+# One compile per program per test run: many tests build the same tiny models (the tiny BERT of the
+# experiment smoke tests, their train steps), and XLA's persistent cache compiles each identical
+# program once. The first process (pytest, or xdist's controller) makes a fresh folder for the run;
+# the xdist workers and the tests' subprocesses inherit it through the environment, so no test sees a
+# program compiled by another version of the code; the folder goes when the run ends.
+if "LORA_JAX_TEST_CACHE" not in os.environ:
+    os.environ["LORA_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="lora_jax_tests_")
+    _OWN_CACHE = True
+else:
+    _OWN_CACHE = False
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["LORA_JAX_TEST_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.05"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-from tests.helpers import TINY_BERT
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.helpers import TINY_BERT  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["LORA_JAX_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -78,9 +78,10 @@ def measure(experts: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     import jax
 
     steps = _steps(experts, args)
-    temps = {name: fn.lower(*a).compile().memory_analysis().temp_size_in_bytes for name, (fn, a) in steps.items()}
+    compiled = {name: (fn.lower(*a).compile(), a) for name, (fn, a) in steps.items()}  # compiled once: run and measured
+    temps = {name: fn.memory_analysis().temp_size_in_bytes for name, (fn, _) in compiled.items()}
     print(f"[moe {experts} experts] timing {len(steps)} steps, interleaved", flush=True)
-    timed = interleaved({name: (lambda fn=fn, a=a: jax.block_until_ready(fn(*a))) for name, (fn, a) in steps.items()},
+    timed = interleaved({name: (lambda fn=fn, a=a: jax.block_until_ready(fn(*a))) for name, (fn, a) in compiled.items()},
                         args.steps, warmup=1)
     stack = experts * args.hidden * 2 * args.ffn * 4  # one fp32 w_in stack, the largest (E, in, out) array
     frozen = timed["frozen fp32"]["median_s"]

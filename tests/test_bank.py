@@ -163,3 +163,21 @@ def test_pissa_adapters_bank_and_hotswap_with_their_frozen_factors():
     want, rows = np.asarray(want), np.array([0, 2])
     np.testing.assert_allclose(out[rows], want[rows], atol=1e-5)
     np.testing.assert_allclose(out[rows + 1], base_model.apply({"params": base}, x[rows + 1]), atol=1e-5)
+
+
+def test_hotswap_gives_layers_the_adapter_leaves_alone_their_neutral_leaves():
+    from experiments.mlp import MLP
+
+    x = jax.random.normal(jax.random.key(3), (4, 10))
+    base_model = MLP((16, 12, 3))
+    base = base_model.init(jax.random.key(0), x)["params"]
+    slots = lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), use_dora=True)
+    served = lora_jax.lora(base_model, slots)
+    running = lora_jax.init_lora_params(served, base, jax.random.key(1), x)
+    running["fc2"]["lora_magnitude"] = running["fc2"]["lora_magnitude"] * 1.5  # the previous adapter's fc2
+    only_fc1 = lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1",), use_dora=True)
+    own = lora_jax.lora(base_model, only_fc1)
+    trained = lora_jax.init_lora_params(own, base, jax.random.key(2), x)
+    trained["fc1"]["lora_B"] = jax.random.normal(jax.random.key(4), trained["fc1"]["lora_B"].shape)
+    swapped = lora_jax.hotswap_adapter(running, lora_jax.extract_adapter(trained, only_fc1), slots)
+    np.testing.assert_allclose(served.apply({"params": swapped}, x), own.apply({"params": trained}, x), atol=1e-5)

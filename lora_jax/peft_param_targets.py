@@ -30,6 +30,10 @@ from .targets import matches, path_str
 BASE_LAYER = "base_layer"
 
 
+class AmbiguousLayout(ValueError):
+    """A square param whose (in, out) order PEFT's factors cannot tell."""
+
+
 def to_peft(a: np.ndarray, b: np.ndarray, in_axis: int) -> dict[str, np.ndarray]:
     """PEFT's lora_A / lora_B of one param target from our A (..., p, r), B (..., r, q)."""
     a_in, b_out = (a, b) if in_axis == -2 else (np.swapaxes(b, -1, -2), np.swapaxes(a, -1, -2))  # (.., in, r), (.., r, out)
@@ -96,7 +100,11 @@ def export_tensors(adapter: Mapping[tuple[str, ...], Any], flat: Mapping[tuple[s
         a, b = np.asarray(adapter[module + ("lora_A",)]), np.asarray(adapter[module + ("lora_B",)])
         owner = torch_name(path_str(key[:-1]))
         wrapped = ".".join([owner] + [BASE_LAYER] * depth[key])
-        for leaf, value in to_peft(a, b, config.in_axis_for(path_str(key))).items():
+        try:
+            converted = to_peft(a, b, config.in_axis_for(path_str(key)))
+        except ValueError as err:
+            raise ValueError(f"parameter '{path_str(key)}': {err} (a stack of layers has no PEFT form)") from None
+        for leaf, value in converted.items():
             tensors[f"{prefix}{wrapped}.{leaf}.weight"] = value
         names.append(f"{owner}.{key[-1]}")
         ranks[names[-1]] = a.shape[-1]
@@ -143,6 +151,8 @@ def assign_pairs(keys: list[tuple[str, ...]], pairs: list[tuple[str, str]], tens
                                   in_axes.get(path_str(key)), path_str(key))
                 from_peft(tensors[a_name], tensors[b_name], tuple(np.shape(flat_base[key])), axis)
                 fits.append((key, axis))
+            except AmbiguousLayout:
+                raise
             except ValueError:
                 continue
         fits = [(k, axis) for k, axis in fits if k not in out]
@@ -167,5 +177,5 @@ def in_axis_of(param_shape: tuple[int, ...], lora_a: np.ndarray, lora_b: np.ndar
     if not fits:
         raise ValueError(f"PEFT's factors of '{where}' (in {n_in}, out {n_out}) fit no axis order of the param "
                          f"{param_shape}")
-    raise ValueError(f"param '{where}' {param_shape} is square: whether it is (in, out) or (out, in) cannot be read "
+    raise AmbiguousLayout(f"param '{where}' {param_shape} is square: whether it is (in, out) or (out, in) cannot be read "
                      f"off its shape; pass import_peft(..., parameter_in_axis={{'{where}': -2 or -1}})")

@@ -230,3 +230,20 @@ def test_an_adapter_trained_here_exports_in_the_torch_parameter_order(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(_torch_moe(), str(tmp_path / "trained")).eval()
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(torch.tensor(ids)).logits.numpy(), ours, atol=1e-5)
+
+
+def test_square_params_need_their_layout_and_stacked_params_have_no_peft_form(tmp_path):
+    base = {"moe": {"w": np.ones((2, 4, 4), np.float32)}}
+    a, b = np.ones((2, 4, 1), np.float32), np.ones((2, 1, 4), np.float32)
+    lora = {"moe": {"w": base["moe"]["w"], "w_lora": {"lora_A": a, "lora_B": b}}}
+    config = LoraConfig(rank=1, alpha=1, targets=(), target_parameters=("w",))
+    lora_jax.export_peft(tmp_path / "square", lora, config)
+    (tmp_path / "square" / "lora_jax_export.json").unlink()  # as PEFT's own files: no record of the layout
+    with pytest.raises(ValueError, match=r"square.*parameter_in_axis"):
+        lora_jax.import_peft(tmp_path / "square", base_params=base)
+    again = lora_jax.import_peft(tmp_path / "square", base_params=base, parameter_in_axis={"moe/w": -2})
+    np.testing.assert_array_equal(again.params["moe"]["w_lora"]["lora_A"], a)
+    stacked = {"moe": {"w": np.ones((3, 2, 4, 5), np.float32), "w_lora": {"lora_A": np.ones((3, 2, 4, 1), np.float32),
+                                                                        "lora_B": np.ones((3, 2, 1, 5), np.float32)}}}
+    with pytest.raises(ValueError, match="parameter 'moe/w'.*no PEFT form"):
+        lora_jax.export_peft(tmp_path / "stacked", stacked, config)

@@ -154,11 +154,12 @@ def test_nf4_experts_are_quantized_per_expert_and_the_grouped_step_keeps_no_dequ
     params = {**params, "w_in_lora": {**params["w_in_lora"], "lora_B": 0.05 * jnp.ones((experts, 4, 2 * ffn))}}
     quantized = lora_jax.quantize(params, config, "nf4")
     assert isinstance(quantized["w_in"], lora_jax.QuantizedKernel) and "router" in quantized  # router: not a target
-    int8 = lora_jax.quantize(params, config, "int8")  # one scale per output column: per expert, or over all?
-    for e in (0, experts - 1):  # each expert's codes and scales are its own: the same as quantizing it alone
-        for fmt, whole in (("nf4", quantized), ("int8", int8)):
-            alone = lora_jax.quantize({"w": params["w_in"][e]}, LoraConfig(targets=(), target_parameters=("w",)), fmt)
-            np.testing.assert_allclose(whole["w_in"].unbox()[e], alone["w"].unbox(), rtol=1e-6, atol=1e-7)
+    # each expert's codes and scales are its own: int8 keeps one scale per output column, which over all
+    # experts at once would differ from quantizing each expert alone
+    int8 = lora_jax.quantize({"w": params["w_in"]}, LoraConfig(targets=(), target_parameters=("w",)), "int8")
+    for e in (0, experts - 1):
+        alone = lora_jax.quantize({"w": params["w_in"][e]}, LoraConfig(targets=(), target_parameters=("w",)), "int8")
+        np.testing.assert_allclose(int8["w"].unbox()[e], alone["w"].unbox(), rtol=1e-6, atol=1e-7)
     dequantized = {**quantized, "w_in": quantized["w_in"].unbox(), "w_out": quantized["w_out"].unbox()}
 
     def step(grouped, tree):

@@ -130,7 +130,16 @@ def ragged_dot(lhs: Array, rhs: Any, group_sizes: Array, *, in_axis: int = -2, p
         return jax.lax.ragged_dot(x, w if in_axis == -2 else jnp.swapaxes(w, -1, -2), group_sizes,
                                   precision=precision, preferred_element_type=preferred_element_type)
 
-    out = _through(rhs, product, lhs)
+    try:
+        out = _through(rhs, product, lhs)
+    except NotImplementedError as err:
+        if "vmap" not in str(err):
+            raise
+        raise NotImplementedError(
+            "lora_jax.ragged_dot under jax.vmap with an expert stack shared by the batch (an adapter bank's rows "
+            "run under vmap): jax's ragged_dot has no batching rule for an operand that is not batched. In a bank, "
+            "read the experts as weights (self.param(...) unboxed, jax.lax.ragged_dot on it): each row then has its "
+            f"own W + scale·A·B and jax batches it ({err})") from None
     if adapter is None:
         return out
     update = experts.ragged_low_rank(lhs, adapter.lora_a, adapter.lora_b, group_sizes, adapter.scale,

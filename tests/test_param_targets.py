@@ -210,3 +210,12 @@ def test_params_of_a_scanned_stack_get_factors_per_layer_and_expert():
         h = np.tanh(np.einsum("td,edf->tf", h, w[layer]))
     np.testing.assert_allclose(model.apply({"params": params}, x), h, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(_ScannedExperts().apply({"params": lora_jax.merge(params, config)}, x), h, atol=1e-5)
+
+
+def test_a_bank_over_the_grouped_path_names_jaxs_missing_batching_rule(trained):
+    _, _, params = trained
+    adapter = lora_jax.extract_adapter(params, CONFIG)
+    bank = lora_jax.make_bank(params, [adapter], CONFIG)
+    grouped = lora_jax.lora(TinyMoe(grouped=True), CONFIG)
+    with pytest.raises(NotImplementedError, match="under jax.vmap.*read the experts as weights"):
+        lora_jax.bank_apply(grouped, params, bank, jnp.array([0, -1] * 5), X)

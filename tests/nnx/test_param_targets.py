@@ -41,3 +41,16 @@ def test_nnx_experts_quantize_per_expert_and_train_on_the_nf4_base():
     reference = {**params, **dequantized, "router": {**params["router"], "kernel": model.router.kernel[...]}}
     np.testing.assert_allclose(model(X), _reference(reference, X), rtol=1e-4, atol=1e-5)
     assert isinstance(model.w_in.get_raw_value().value, lora_jax.QuantizedKernel)  # the view's box holds the codes
+
+
+def test_nnx_experts_hotswap_in_place_and_serve_a_bank():
+    model = NnxTinyMoe(nnx.Rngs(0))
+    lora_jax.lora(model, CONFIG, rngs=nnx.Rngs(1))
+    params = _moved(lora_jax.nnx_params(model))
+    adapter = lora_jax.extract_adapter(params, CONFIG)
+    lora_jax.hotswap_adapter(model, adapter, CONFIG)
+    want = _reference(params, X)
+    np.testing.assert_allclose(model(X), want, rtol=1e-4, atol=1e-5)
+    bank = lora_jax.make_bank(model, [adapter], CONFIG)
+    rows = np.asarray(lora_jax.bank_apply(model, None, bank, jnp.array([0, -1] * 5), X))
+    np.testing.assert_allclose(rows[::2], want[::2], rtol=1e-4, atol=1e-5)

@@ -7,6 +7,15 @@ makes its class a subclass of its own whose attribute read of ``P`` returns an `
 ``view[...]`` (and ``.value``) is ``W + scale·A·B``, ``view.get_raw_value()`` the
 ``param_targets.AdaptedParam`` box that ``lora_jax.ragged_dot`` / ``lora_jax.einsum`` take for the
 grouped path. The stored variable itself is untouched (graph operations read ``vars(module)``).
+
+    >>> import jax.numpy as jnp
+    >>> from lora_jax import LoraConfig, lora
+    >>> class Experts(nnx.Module):
+    ...     def __init__(self):
+    ...         self.w = nnx.Param(jnp.ones((2, 3, 4)))               # (experts, in, out)
+    >>> model = lora(Experts(), LoraConfig(rank=1, targets=(), target_parameters=("w",)), rngs=nnx.Rngs(0))
+    >>> model.w_lora.lora_A[...].shape, type(model.w).__name__, model.w[...].shape
+    ((2, 3, 1), 'AdaptedView', (2, 3, 4))
 """
 
 from __future__ import annotations

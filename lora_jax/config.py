@@ -16,6 +16,7 @@ from .targets import matches, validate_patterns
 BiasMode = Literal["none", "all", "lora_only"]
 InitMode = Literal["kaiming_uniform", "gaussian", "pissa"]
 
+DEFAULT_TARGETS = ("query", "value")  # BERT's attention projections, LoRA's classic targets
 _INIT_MODES = ("kaiming_uniform", "gaussian", "pissa")
 _BIAS_MODES = ("none", "all", "lora_only")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -34,7 +35,9 @@ class LoraConfig:
     Attributes:
       rank: r, the inner dimension of A (in, r) and B (r, out).
       alpha: scaling numerator; the update is scaled by alpha / r (or alpha / sqrt(r) with rslora).
-      targets: which layers get LoRA (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed).
+      targets: which layers get LoRA (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed). Left
+        out: ("query", "value") (BERT's attention), or none when ``target_parameters`` is given (as
+        PEFT, whose target_modules may be empty beside target_parameters).
       exclude: layers never targeted, even if ``targets`` matches them.
       dropout: dropout rate on the LoRA input; active only when the ``dropout_rng`` stream is given.
       init: ``kaiming_uniform`` (PEFT's default for A), ``gaussian`` (A ~ N(0, 1/r)) or ``pissa``
@@ -72,7 +75,7 @@ class LoraConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] | None = None  # None: ("query", "value"), or () beside target_parameters
     exclude: tuple[str, ...] = ()
     dropout: float = 0.0
     init: InitMode = "kaiming_uniform"
@@ -88,6 +91,8 @@ class LoraConfig:
     parameter_in_axis: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.targets is None:
+            object.__setattr__(self, "targets", () if self.target_parameters else DEFAULT_TARGETS)
         # Accept any sequence (or a single string) for the pattern fields, store tuples.
         for name in ("targets", "exclude", "modules_to_save", "target_parameters"):
             value = getattr(self, name)

@@ -64,3 +64,11 @@ def test_malformed_json_and_non_object_are_clear_errors():
         LoraConfig.from_json("{rank: 4")
     with pytest.raises(ValueError, match="read from a JSON object, got list"):
         LoraConfig.from_dict([4, 8])
+
+
+def test_default_targets_are_bert_attention_or_none_beside_parameter_targets():
+    assert LoraConfig().targets == ("query", "value")
+    assert LoraConfig(target_parameters=("experts/w_in",)).targets == ()
+    assert LoraConfig(targets=("fc",), target_parameters=("w",)).targets == ("fc",)
+    saved = LoraConfig(target_parameters=("w",))
+    assert LoraConfig.from_json(saved.to_json()) == saved

@@ -23,9 +23,9 @@ from .config import LoraConfig
 from .core.kinds import BROADCAST, delta, factor_layout
 from .fingerprint import check_base_fingerprint
 from .core.variants import ADAPTER_LEAVES, FACTOR_PAIRS
-from .masking import partition, trainable_mask
+from .masking import adapter_mask, partition
 from .merge import base_leaf_key
-from .param_targets import FACTORS_SUFFIX
+from .param_targets import param_path_of
 from .targets import path_str
 
 Params = Mapping[str, Any]
@@ -52,9 +52,7 @@ def extract_adapter(params: Params, config: LoraConfig, metadata: dict | None = 
     >>> sorted(apply_adapter({"fc": {"kernel": np.ones((4, 3))}}, adapter)["fc"])
     ['kernel', 'lora_A', 'lora_B']
     """
-    mask = traverse_util.flatten_dict(trainable_mask(params, config))
-    kept = {key: trains or key[-1] in config.variant.frozen for key, trains in mask.items()}  # + frozen variant leaves
-    adapter, _ = partition(params, traverse_util.unflatten_dict(kept))
+    adapter, _ = partition(params, adapter_mask(params, config))
     return Adapter(adapter, config, dict(metadata or {}))
 
 
@@ -62,9 +60,9 @@ def check_adapter_fits(base_params: Params, adapter_params: Params) -> None:
     """Raise ValueError naming the leaf and both shapes if the adapter cannot sit on this base."""
     flat_base = traverse_util.flatten_dict(dict(base_params))
     flat = traverse_util.flatten_dict(dict(adapter_params))
+    partners = {**FACTOR_PAIRS, **{b: a for a, b in FACTOR_PAIRS.items()}}
     for key, value in flat.items():
         module, leaf = key[:-1], key[-1]
-        partners = {**FACTOR_PAIRS, **{b: a for a, b in FACTOR_PAIRS.items()}}
         if leaf in ADAPTER_LEAVES and leaf not in partners:  # a variant's per-output leaf, e.g. lora_magnitude
             weight_key = base_leaf_key(flat_base, module)
             weight_shape = tuple(flat_base[weight_key].shape)
@@ -100,8 +98,11 @@ def check_targets_cover(adapter_params: Params, config: LoraConfig, source: str 
     (or ``config.exclude`` removes): the transformed model would silently ignore them."""
     flat = traverse_util.flatten_dict(dict(adapter_params))
     modules = sorted({k[:-1] for k in flat if k[-1] in ADAPTER_LEAVES})
-    stray = [path_str(m) for m in modules if not config.selects(path_str(m))
-             and not (m[-1].endswith(FACTORS_SUFFIX) and config.selects_parameter(path_str(m)[:-len(FACTORS_SUFFIX)]))]
+    def selected(module: tuple[str, ...]) -> bool:  # a raw param's factors (P_lora) are selected as the param P
+        param = param_path_of(module)
+        return config.selects(path_str(module)) or (param is not None and config.selects_parameter(path_str(param)))
+
+    stray = [path_str(m) for m in modules if not selected(m)]
     if stray:
         raise ValueError(f"{source} holds lora_A/lora_B for layers its config does not target ({stray[:5]}"
                          f"{' ...' if len(stray) > 5 else ''}; targets {list(config.targets)}, target_parameters "
@@ -296,8 +297,8 @@ def _unit_scale_config(out: dict, modules: list, like: LoraConfig) -> LoraConfig
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     rank = max(counts, key=lambda r: (counts[r], r))
-    is_param = lambda m: m[-1].endswith(FACTORS_SUFFIX)  # a raw param's factors: it is a parameter target
-    name = lambda m: path_str(m)[: -len(FACTORS_SUFFIX)] if is_param(m) else path_str(m)
+    is_param = lambda m: param_path_of(m) is not None  # a raw param's factors: it is a parameter target
+    name = lambda m: path_str(param_path_of(m) or m)
     pattern = {}
     for m, r in ranks.items():
         if r != rank:

@@ -25,7 +25,7 @@ from flax.core import meta
 
 from .adapters import Adapter, hotswap_adapter
 from .config import LoraConfig
-from .masking import combine, trainable_mask
+from .masking import adapter_mask, combine
 from .merge import base_leaf_key
 
 Params = Mapping[str, Any]
@@ -51,11 +51,11 @@ def make_bank(params: Params, adapters: Sequence[Adapter], config: LoraConfig, *
     if isinstance(adapters, Adapter) or not adapters:
         raise ValueError("make_bank needs a non-empty list of adapters")
     flat_params = traverse_util.flatten_dict(dict(params))
-    mask = traverse_util.flatten_dict(trainable_mask(params, config))
-    # the slots (trained leaves and a variant's frozen ones), then the trained leaves adapters bring (heads)
-    keys = [k for k in flat_params if mask.get(k) or k[-1] in config.variant.frozen]
+    mask = traverse_util.flatten_dict(adapter_mask(params, config))
+    # the slots (the adapter leaves: trained and a variant's frozen ones), then the trained leaves adapters bring (heads)
+    keys = [k for k in flat_params if mask.get(k)]
     keys += sorted({k for a in adapters for k in traverse_util.flatten_dict(dict(a.params))
-                    if k in flat_params and k not in keys and k[-1] not in ("lora_A", "lora_B")})
+                    if k in flat_params and not mask.get(k) and k[-1] not in ("lora_A", "lora_B")})
     rows = []
     for i, adapter in enumerate(adapters):
         try:

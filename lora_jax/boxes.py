@@ -3,7 +3,9 @@ that stores its value in another form (a quantized kernel) stays boxed and place
 
 A box stays boxed when its class sets ``stays_boxed = True``; such a box offers
 ``leaf_shardings(sharding)``: a tree like itself of shardings for its leaves, from the sharding the
-value it stands for would have. Train code reads only this protocol, never the quantizer.
+value it stands for would have, and ``apply(fn, x)``: ``fn(x, value, None)`` with the value formed
+at the point of use only. Train code and parameter targets read only this protocol, never the
+quantizer.
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> unbox_but_stored({"w": nn.Partitioned(jnp.ones(2), names=("model",))})["w"].shape

@@ -67,6 +67,21 @@ def trainable_mask(params: Params, config: LoraConfig) -> dict:
     return traverse_util.unflatten_dict(mask)
 
 
+def adapter_mask(params: Params, config: LoraConfig) -> dict:
+    """``trainable_mask`` plus the variant's frozen leaves (PiSSA's initial factors): what an adapter
+    holds (it is saved, swapped and banked with them, though they do not train).
+
+    >>> import numpy as np
+    >>> params = {"fc": {"kernel": np.zeros((4, 3)), "lora_A": np.zeros((4, 1)), "lora_B": np.zeros((1, 3)),
+    ...                  "lora_A_init": np.zeros((4, 1)), "lora_B_init": np.zeros((1, 3))}}
+    >>> adapter_mask(params, LoraConfig(rank=1, targets=("fc",), init="pissa"))["fc"]["lora_A_init"]
+    True
+    """
+    flat = traverse_util.flatten_dict(trainable_mask(params, config))
+    return traverse_util.unflatten_dict({key: trains or key[-1] in config.variant.frozen
+                                         for key, trains in flat.items()})
+
+
 def partition(params: Params, mask: Params) -> tuple[dict, dict]:
     """Split ``params`` into (trainable, frozen) sparse trees by a bool ``mask`` of the same structure.
 

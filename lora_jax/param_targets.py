@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct, traverse_util
 from flax.core import meta
 
+from .boxes import stays_boxed
 from .config import LoraConfig
 from .core import experts
 from .core.init import a_initializer
@@ -45,11 +46,17 @@ def factors_key(param_key: tuple[str, ...]) -> tuple[str, ...]:
     return param_key[:-1] + (param_key[-1] + FACTORS_SUFFIX,)
 
 
-def param_key_of(module: tuple[str, ...], flat: Mapping[tuple[str, ...], Any]) -> tuple[str, ...] | None:
-    """The raw param whose factors ``module`` holds (('moe', 'w_in_lora') -> ('moe', 'w_in')), or None."""
+def param_path_of(module: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The key of the raw param a factors dict is named for (('moe', 'w_in_lora') -> ('moe', 'w_in')),
+    or None for a module whose name is not a factors dict's; the inverse of ``factors_key``."""
     if not module or not module[-1].endswith(FACTORS_SUFFIX):
         return None
-    key = module[:-1] + (module[-1][: -len(FACTORS_SUFFIX)],)
+    return module[:-1] + (module[-1][: -len(FACTORS_SUFFIX)],)
+
+
+def param_key_of(module: tuple[str, ...], flat: Mapping[tuple[str, ...], Any]) -> tuple[str, ...] | None:
+    """The raw param of ``flat`` whose factors ``module`` holds (('moe', 'w_in_lora') -> ('moe', 'w_in')), or None."""
+    key = param_path_of(module)
     return key if key in flat else None
 
 
@@ -78,7 +85,7 @@ class AdaptedParam(struct.PyTreeNode, meta.AxisMetadata):
         Flax checks a param's first leaf against the shape its module declares; a quantized value's
         first leaf is its codes, so such a box leads with ``shape_like``, a broadcast zero of the
         value's shape that nothing computes with (XLA drops it)."""
-        stored = getattr(value, "stays_boxed", False)
+        stored = stays_boxed(value)
         shape_like = jnp.broadcast_to(jnp.zeros((), jnp.dtype(value.dtype)), value.shape) if stored else None
         return cls(shape_like, value, lora_a, lora_b, scale, in_axis)
 
@@ -106,7 +113,7 @@ def _raw(rhs: Any) -> Any:
 def _through(weight: Any, product: Callable[[Array, Array], Array], x: Array) -> Array:
     """``product(x, W)``; a stored (quantized) W is dequantized at the point of use, in the forward
     and the backward pass (its box's ``apply``), so no dequantized expert stack outlives the product."""
-    if getattr(weight, "stays_boxed", False) and hasattr(weight, "apply"):
+    if stays_boxed(weight):
         return weight.apply(lambda x, w, _: product(x, w), x)
     return product(x, meta.unbox(weight))
 
@@ -171,12 +178,12 @@ def _shape(leaf: Any) -> tuple[int, ...]:
     return tuple(jnp.shape(leaf))
 
 
-def targeted_params(params: Params, config: LoraConfig) -> list[tuple[str, ...]]:
-    """The keys of the raw params ``config.target_parameters`` selects (LoRA factors and the weights
-    of layers LoRA adapts as layers are never raw params)."""
-    flat = traverse_util.flatten_dict(dict(params))
+def targeted_keys(flat: Mapping[tuple[str, ...], Any], config: LoraConfig) -> list[tuple[str, ...]]:
+    """The keys of the raw params of a flat tree that ``config.target_parameters`` selects (LoRA
+    factors and the weights of layers LoRA adapts as layers are never raw params)."""
     return [key for key in flat if key[-1] not in ("lora_A", "lora_B") and key[:-1] + ("lora_A",) not in flat
             and param_key_of(key[:-1], flat) is None and config.selects_parameter(path_str(key))]
+
 
 
 def init_parameter_factors(params: Params, config: LoraConfig, key: Array) -> dict:
@@ -186,8 +193,9 @@ def init_parameter_factors(params: Params, config: LoraConfig, key: Array) -> di
     ValueError names a pattern that matches no raw param (listing the params that exist) and a
     rank above the param's widths.
     """
-    flat = {k: _shape(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
-    chosen = targeted_params(params, config)
+    leaves = traverse_util.flatten_dict(dict(params))
+    flat = {k: _shape(v) for k, v in leaves.items()}
+    chosen = targeted_keys(leaves, config)
     missing = [t for t in config.target_parameters if not any(matches(t, path_str(k)) for k in chosen)]
     if missing:
         listing = "\n".join(f"  {path_str(k)}  {shape}" for k, shape in sorted(flat.items())

@@ -27,8 +27,8 @@ from .core.kinds import BASE_LEAVES, BROADCAST, factor_layout
 from .core.variants import PER_OUTPUT_LEAVES
 from .finite import nonfinite_leaves
 from .folder_swap import folder_path, locked, recover_folder, replace_folder
-from .param_targets import FACTORS_SUFFIX, factors_key
-from .peft_param_targets import assign_pairs, export_tensors, from_peft, target_keys, targeted_by_owner, wrapped_pairs
+from .param_targets import factors_key, param_path_of
+from .peft_param_targets import assign_pairs, export_tensors, target_keys, targeted_by_owner, wrapped_pairs
 from .safetensors_io import read_safetensors
 from .targets import REGEX_PREFIX, matches, path_str
 
@@ -296,8 +296,10 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
         raise ValueError(f"the adapter's leaves {bad[:5]} hold inf or NaN (training diverged?); nothing was exported")
     if config.variant.peft_config is None:
         adapter = _as_plain_lora(adapter, config)
-    param_modules = {factors_key(k) for k in target_keys(flat)}
-    tensors, ranks, param_names = export_tensors(adapter, flat, config, lambda path: usage.name(path, None), PREFIX)
+    param_keys = target_keys(flat)
+    param_modules = {factors_key(k) for k in param_keys}
+    tensors, ranks, param_names = export_tensors(adapter, param_keys, config, lambda path: usage.name(path, None),
+                                                 PREFIX)
     adapter = {k: v for k, v in adapter.items() if k[:-1] not in param_modules}
     for key, value in adapter.items():
         module, leaf = key[:-1], key[-1]
@@ -347,7 +349,7 @@ def export_peft(directory: str | Path, params: Params, config: LoraConfig, base_
         "rank_pattern": {m: r for m, r in ranks.items() if r != config.rank}, "alpha_pattern": {},
     }
     layout_notes = {"format": EXPORT_NOTES_FORMAT, "name_map": usage.name_map,
-                    "parameter_in_axis": {path_str(k): config.in_axis_for(path_str(k)) for k in target_keys(flat)},
+                    "parameter_in_axis": {path_str(k): config.in_axis_for(path_str(k)) for k in param_keys},
                     "flatten_order": {p: {k: list(v) for k, v in o.items()} for p, o in usage.flatten_order.items()}}
 
     def write(tmp: Path) -> None:
@@ -478,7 +480,7 @@ def _check_lora_shapes(out: dict, config: LoraConfig, weights: Path) -> None:
     """Each layer has both factors, A (.., r) and B of rank r matching the config's rank for it."""
     modules = sorted({k[:-1] for k in out if k[-1] in ("lora_A", "lora_B")})
     for module in modules:
-        if module[-1].endswith(FACTORS_SUFFIX) and module[:-1] + (module[-1][: -len(FACTORS_SUFFIX)],) not in out:
+        if param_path_of(module) is not None:
             continue  # a parameter target's factors: read and checked by peft_param_targets
         name = ".".join(module)
         a, b = out.get(module + ("lora_A",)), out.get(module + ("lora_B",))
@@ -571,8 +573,7 @@ def _read_parameter_targets(tensors: dict, config: LoraConfig, flat_base: dict, 
             assigned = assign_pairs(keys, wrapped_pairs(tensors, owner, PREFIX), tensors, flat_base, in_axes)
         except ValueError as err:
             raise ValueError(f"{weights}: module '{owner}': {err}") from None
-        for key, (a_name, b_name, axis) in assigned.items():
-            a, b = from_peft(tensors[a_name], tensors[b_name], tuple(np.shape(flat_base[key])), axis)
+        for key, (a_name, b_name, (a, b), axis) in assigned.items():
             if not (np.isfinite(a).all() and np.isfinite(b).all()):
                 raise ValueError(f"{weights}: the factors of parameter '{path_str(key)}' hold inf or NaN")
             out[factors_key(key) + ("lora_A",)], out[factors_key(key) + ("lora_B",)] = a, b
@@ -585,11 +586,11 @@ def _read_parameter_targets(tensors: dict, config: LoraConfig, flat_base: dict, 
     rest = {name: value for name, value in tensors.items() if name not in used}
     config = config.replace(target_parameters=tuple(path_str(k) for k in order),
                             parameter_in_axis={w: axis for w, axis in axes.items() if axis != -2},
-                            rank_pattern=_param_ranks(config, order, out, axes))
+                            rank_pattern=_param_ranks(config, order, out))
     return rest, out, config
 
 
-def _param_ranks(config: LoraConfig, keys: list, out: dict, axes: dict) -> dict[str, int]:
+def _param_ranks(config: LoraConfig, keys: list, out: dict) -> dict[str, int]:
     """The config's rank_pattern with each parameter target's own rank where it differs."""
     pattern = dict(config.rank_pattern)
     for key in keys:

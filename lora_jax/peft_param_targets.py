@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .config import LoraConfig
-from .param_targets import FACTORS_SUFFIX, param_key_of
+from .param_targets import factors_key, param_key_of, targeted_keys
 from .targets import matches, path_str
 
 BASE_LAYER = "base_layer"
@@ -88,16 +88,15 @@ def target_keys(flat: Mapping[tuple[str, ...], Any]) -> list[tuple[str, ...]]:
     return sorted({param_key_of(k[:-1], flat) for k in flat if k[-1] == "lora_A"} - {None})
 
 
-def export_tensors(adapter: Mapping[tuple[str, ...], Any], flat: Mapping[tuple[str, ...], Any], config: LoraConfig,
+def export_tensors(adapter: Mapping[tuple[str, ...], Any], params: list[tuple[str, ...]], config: LoraConfig,
                    torch_name: Callable[[str], str], prefix: str) -> tuple[dict[str, np.ndarray], dict[str, int], list[str]]:
-    """(PEFT tensors, {torch param name: rank}, torch param names) of the parameter targets in the flat
-    ``adapter`` (of the flat LoRA tree ``flat``); ``torch_name(module path)`` names the owning module."""
-    params = target_keys(flat)
+    """(PEFT tensors, {torch param name: rank}, torch param names) of the parameter targets ``params``
+    (``target_keys``) in the flat ``adapter``; ``torch_name(module path)`` names the owning module."""
     depth = owner_order(params, config)
     tensors, ranks, names = {}, {}, []
     for key in params:
-        module = key[:-1] + (key[-1] + FACTORS_SUFFIX,)
-        a, b = np.asarray(adapter[module + ("lora_A",)]), np.asarray(adapter[module + ("lora_B",)])
+        factors = factors_key(key)
+        a, b = np.asarray(adapter[factors + ("lora_A",)]), np.asarray(adapter[factors + ("lora_B",)])
         owner = torch_name(path_str(key[:-1]))
         wrapped = ".".join([owner] + [BASE_LAYER] * depth[key])
         try:
@@ -113,12 +112,11 @@ def export_tensors(adapter: Mapping[tuple[str, ...], Any], flat: Mapping[tuple[s
 
 def targeted_by_owner(flat_base: Mapping[tuple[str, ...], Any], config: LoraConfig,
                       torch_name: Callable[[str], str]) -> dict[str, list[tuple[str, ...]]]:
-    """{torch name of the owning module: our keys of the params ``config.target_parameters`` selects there}."""
+    """{torch name of the owning module: our keys of the params ``config.target_parameters`` selects
+    there (``param_targets.targeted_keys``, at least 2-D)}."""
     out: dict[str, list[tuple[str, ...]]] = {}
-    for key in flat_base:
-        if np.ndim(flat_base[key]) >= 2 and key[-1] not in ("lora_A", "lora_B") and \
-                param_key_of(key[:-1], flat_base) is None and key[:-1] + ("lora_A",) not in flat_base and \
-                config.selects_parameter(path_str(key)):
+    for key in targeted_keys(flat_base, config):
+        if np.ndim(flat_base[key]) >= 2:
             out.setdefault(torch_name(path_str(key[:-1])), []).append(key)
     return out
 
@@ -126,19 +124,20 @@ def targeted_by_owner(flat_base: Mapping[tuple[str, ...], Any], config: LoraConf
 def wrapped_pairs(tensors: Mapping[str, np.ndarray], owner: str, prefix: str) -> list[tuple[str, str]]:
     """The (lora_A, lora_B) tensor names of ``owner``'s nested wrappers present in ``tensors``, the
     innermost (the module's first param) first."""
-    pairs = []
-    for depth in range(8):
-        wrapped = ".".join([owner] + [BASE_LAYER] * depth)
+    pairs, wrapped = [], owner
+    while True:  # the outermost wrapper names the module; each one inside adds a base_layer
         names = (f"{prefix}{wrapped}.lora_A.weight", f"{prefix}{wrapped}.lora_B.weight")
-        if names[0] in tensors or names[1] in tensors:
-            pairs.append(names)
-    return pairs[::-1]
+        if names[0] not in tensors and names[1] not in tensors:
+            return pairs[::-1]
+        pairs.append(names)
+        wrapped += "." + BASE_LAYER
 
 
 def assign_pairs(keys: list[tuple[str, ...]], pairs: list[tuple[str, str]], tensors: Mapping[str, np.ndarray],
                  flat_base: Mapping[tuple[str, ...], Any], in_axes: Mapping[str, int]) -> dict:
-    """{our param key: (lora_A name, lora_B name, in_axis)}: each wrapper's factors matched to the one
-    param of the module whose shape they fit; ValueError where that is not unique."""
+    """{our param key: (lora_A name, lora_B name, our (A, B), in_axis)}: each wrapper's factors
+    matched to the one param of the module whose shape they fit (and read into our layout once);
+    ValueError where that is not unique."""
     out = {}
     for a_name, b_name in pairs:
         if a_name not in tensors or b_name not in tensors:
@@ -149,18 +148,19 @@ def assign_pairs(keys: list[tuple[str, ...]], pairs: list[tuple[str, str]], tens
             try:
                 axis = in_axis_of(tuple(np.shape(flat_base[key])), tensors[a_name], tensors[b_name],
                                   in_axes.get(path_str(key)), path_str(key))
-                from_peft(tensors[a_name], tensors[b_name], tuple(np.shape(flat_base[key])), axis)
-                fits.append((key, axis))
+                factors = from_peft(tensors[a_name], tensors[b_name], tuple(np.shape(flat_base[key])), axis)
+                fits.append((key, factors, axis))
             except AmbiguousLayout:
                 raise
             except ValueError:
                 continue
-        fits = [(k, axis) for k, axis in fits if k not in out]
+        fits = [fit for fit in fits if fit[0] not in out]
         if len(fits) != 1:
-            names = [path_str(k) for k, _ in fits] or [path_str(k) for k in keys]
+            names = [path_str(fit[0]) for fit in fits] or [path_str(k) for k in keys]
             raise ValueError(f"the factors {a_name} {np.shape(tensors[a_name])} / {np.shape(tensors[b_name])} fit "
                              f"{'no param' if not fits else 'more than one param'} of {names}")
-        out[fits[0][0]] = (a_name, b_name, fits[0][1])
+        key, factors, axis = fits[0]
+        out[key] = (a_name, b_name, factors, axis)
     return out
 
 

@@ -264,26 +264,25 @@ class KernelQuantizer:
         or a raw param ``config.target_parameters`` selects (experts)."""
         if len(shape) < 2:
             return False
-        return (key[-1] == "kernel" and self.selected(key[:-1])) or self._parameter_target(key)
+        return (key[-1] == "kernel" and self.selected(key[:-1])) or self.parameter_target(key)
 
-    def _parameter_target(self, key: tuple[str, ...]) -> bool:
+    def parameter_target(self, key: tuple[str, ...]) -> bool:
+        """Whether the leaf at ``key`` is a raw param ``config.target_parameters`` selects."""
         return key[-1] not in ("lora_A", "lora_B") and self.config.selects_parameter(path_str(key))
 
     def __call__(self, key: tuple[str, ...], value: Any) -> Any:
         if isinstance(value, meta.AxisMetadata) or not self.wants(key, np.shape(value)):
             return value
-        if self._parameter_target(key) and key[-1] != "kernel":  # experts (E, p, q): codes per expert
-            box, figures = quantize_array(value, self.format, self.block, np.ndim(value) - 2,
-                                           self.config.quantized_compute_dtype, self.measure)
-            self.record(path_str(key), figures)
-            return box
-        n_stacked = int(_under(self.stacked, key[:-1]))
-        if np.ndim(value) - n_stacked < 2:
-            raise ValueError(f"'{path_str(key)}' has shape {np.shape(value)}: too few axes for a stack of kernels "
-                             f"(check stacked={list(self.stacked)})")
+        if self.parameter_target(key) and key[-1] != "kernel":  # experts (E, p, q): codes per expert
+            n_stacked, where = np.ndim(value) - 2, path_str(key)
+        else:  # a layer's kernel, named by its layer
+            n_stacked, where = int(_under(self.stacked, key[:-1])), path_str(key[:-1])
+            if np.ndim(value) - n_stacked < 2:
+                raise ValueError(f"'{path_str(key)}' has shape {np.shape(value)}: too few axes for a stack of kernels "
+                                 f"(check stacked={list(self.stacked)})")
         box, figures = quantize_array(value, self.format, self.block, n_stacked, self.config.quantized_compute_dtype,
                                        self.measure)
-        self.record(path_str(key[:-1]), figures)
+        self.record(where, figures)
         # waited for (record reads it): with jax's asynchronous dispatch a loader would otherwise read
         # ahead, every queued quantization holding its float kernel alive
         return box

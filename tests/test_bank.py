@@ -92,15 +92,20 @@ def test_swaps_and_banks_check_the_base_fingerprint_and_name_incomplete_adapters
         lora_jax.make_bank(params, [lora_jax.Adapter(incomplete, adapter.config)], slots)
 
 
-def test_a_dora_banks_no_adapter_row_is_the_base_model():
+def _mlp_under(config, key=1):
+    """(x, the base MLP, its params, the LoRA model under ``config``, its fresh LoRA params)."""
     from experiments.mlp import MLP
 
     x = jax.random.normal(jax.random.key(3), (4, 10))
     base_model = MLP((16, 12, 3))
     base = base_model.init(jax.random.key(0), x)["params"]
-    config = lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), use_dora=True)
     served = lora_jax.lora(base_model, config)
-    trained = lora_jax.init_lora_params(served, base, jax.random.key(1), x)
+    return x, base_model, base, served, lora_jax.init_lora_params(served, base, jax.random.key(key), x)
+
+
+def test_a_dora_banks_no_adapter_row_is_the_base_model():
+    config = lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), use_dora=True)
+    x, base_model, base, served, trained = _mlp_under(config)
     for name in ("fc1", "fc2"):  # magnitudes moved away from ||W||, B away from 0
         layer = trained[name]
         layer["lora_magnitude"] = layer["lora_magnitude"] * 1.3
@@ -141,14 +146,8 @@ def test_an_nnx_model_serves_a_bank_and_hotswaps_in_place():
 
 
 def test_pissa_adapters_bank_and_hotswap_with_their_frozen_factors():
-    from experiments.mlp import MLP
-
-    x = jax.random.normal(jax.random.key(3), (4, 10))
-    base_model = MLP((16, 12, 3))
-    base = base_model.init(jax.random.key(0), x)["params"]
     slots = lora_jax.LoraConfig(rank=4, alpha=8, targets=("fc1", "fc2"), init="pissa")
-    served = lora_jax.lora(base_model, slots)
-    params = lora_jax.init_lora_params(served, base, jax.random.key(1), x)
+    x, base_model, base, served, params = _mlp_under(slots)
     small = lora_jax.LoraConfig(rank=2, alpha=2, targets=("fc1",), init="pissa")  # other rank, scale, layers
     own = lora_jax.lora(base_model, small)
     trained = lora_jax.init_lora_params(own, base, jax.random.key(1), x)
@@ -166,14 +165,8 @@ def test_pissa_adapters_bank_and_hotswap_with_their_frozen_factors():
 
 
 def test_hotswap_gives_layers_the_adapter_leaves_alone_their_neutral_leaves():
-    from experiments.mlp import MLP
-
-    x = jax.random.normal(jax.random.key(3), (4, 10))
-    base_model = MLP((16, 12, 3))
-    base = base_model.init(jax.random.key(0), x)["params"]
     slots = lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1", "fc2"), use_dora=True)
-    served = lora_jax.lora(base_model, slots)
-    running = lora_jax.init_lora_params(served, base, jax.random.key(1), x)
+    x, base_model, base, served, running = _mlp_under(slots)
     running["fc2"]["lora_magnitude"] = running["fc2"]["lora_magnitude"] * 1.5  # the previous adapter's fc2
     only_fc1 = lora_jax.LoraConfig(rank=2, alpha=4, targets=("fc1",), use_dora=True)
     own = lora_jax.lora(base_model, only_fc1)

@@ -219,3 +219,33 @@ def test_a_bank_over_the_grouped_path_names_jaxs_missing_batching_rule(trained):
     grouped = lora_jax.lora(TinyMoe(grouped=True), CONFIG)
     with pytest.raises(NotImplementedError, match="under jax.vmap.*read the experts as weights"):
         lora_jax.bank_apply(grouped, params, bank, jnp.array([0, -1] * 5), X)
+
+
+@pytest.mark.parametrize("in_axis", [-2, -1])
+def test_ragged_dot_on_a_box_adds_each_experts_own_update(in_axis):
+    from lora_jax.core.experts import parameter_shapes
+    from tests.core.test_experts import _f32, _per_expert
+
+    sizes = np.array([3, 0, 4, 2])
+    x = _f32(9, 6)
+    w = _f32(4, 6, 5) if in_axis == -2 else _f32(4, 5, 6)
+    shapes = parameter_shapes(w.shape, 2, in_axis)
+    a, b = _f32(*shapes.a), _f32(*shapes.b)
+    delta = 0.5 * np.einsum("epr,erq->epq", a.astype(np.float64), b)  # in w's own axis order
+    w_in, delta_in = (w, delta) if in_axis == -2 else (w.transpose(0, 2, 1), delta.transpose(0, 2, 1))
+    box = lora_jax.AdaptedParam.of(jnp.asarray(w), a, b, 0.5, in_axis)
+    got = lora_jax.ragged_dot(jnp.asarray(x), box, jnp.asarray(sizes), in_axis=in_axis)
+    np.testing.assert_allclose(got, _per_expert(x, w_in, sizes, delta_in), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, w_shape", [("ecd,edf->ecf", (3, 4, 5)), ("ecd,efd->ecf", (3, 5, 4)),
+                                           ("tcd,edf->tecf", (3, 4, 5))])
+def test_einsum_on_a_box_equals_the_einsum_with_the_dense_update(spec, w_shape):
+    from tests.core.test_experts import _f32
+
+    x, w = _f32(3, 7, 4), _f32(*w_shape)  # 'tcd': every expert sees every token
+    a, b = _f32(3, w_shape[1], 2), _f32(3, 2, w_shape[2])
+    dense = w + 2.0 * np.einsum("epr,erq->epq", a.astype(np.float64), b)
+    box = lora_jax.AdaptedParam.of(jnp.asarray(w), a, b, 2.0)
+    np.testing.assert_allclose(lora_jax.einsum(spec, x, box), np.einsum(spec, x.astype(np.float64), dense),
+                               rtol=1e-5, atol=1e-4)

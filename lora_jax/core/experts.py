@@ -7,12 +7,13 @@ transpose anywhere). Which of p, q is the input is the param's ``in_axis``: -2 f
 ``x @ W[e]`` layout (E, in, out), -1 for PyTorch's ``x @ W[e].T`` layout (E, out, in). The input
 side's factor starts random, the other at zero, so the update starts at zero either way.
 
-Products here never form an (E, p, q) update: each is two grouped products through the rank.
+The updates here never form an (E, p, q) array: each is two grouped products through the rank
+(``lora_jax.param_targets`` adds them to the frozen param's own product).
 
     >>> import jax.numpy as jnp
-    >>> x, w = jnp.ones((5, 4)), jnp.zeros((2, 4, 3))                  # 5 tokens, 2 experts (4 -> 3)
+    >>> x = jnp.ones((5, 4))                                          # 5 tokens, 2 experts (4 -> 3)
     >>> a, b = jnp.ones((2, 4, 1)), jnp.ones((2, 1, 3))
-    >>> adapted_ragged_dot(x, w, jnp.array([2, 3]), a, b, scale=0.5).tolist()[0]
+    >>> ragged_low_rank(x, a, b, jnp.array([2, 3]), scale=0.5).tolist()[0]
     [2.0, 2.0, 2.0]
 """
 
@@ -97,16 +98,6 @@ def ragged_low_rank(x: Array, a: Array, b: Array, group_sizes: Array, scale: flo
     return scale * jnp.matmul(h.reshape(-1, n_experts * rank), b_all, precision=precision)
 
 
-def adapted_ragged_dot(x: Array, w: Array, group_sizes: Array, a: Array, b: Array, scale: float, *,
-                       in_axis: int = -2, precision: Any = None, preferred_element_type: Any = None) -> Array:
-    """``ragged_dot(x, W + scale·A·B, group_sizes)`` without forming A·B: x (T, in) sorted by expert,
-    W (E, in, out) (``in_axis`` -2) or (E, out, in) (-1), A / B in W's axis order -> (T, out)."""
-    w_in = w if in_axis == -2 else jnp.swapaxes(w, -1, -2)
-    base = jax.lax.ragged_dot(x, w_in, group_sizes, precision=precision, preferred_element_type=preferred_element_type)
-    update = ragged_low_rank(x, a, b, group_sizes, scale, in_axis=in_axis, dtype=base.dtype, precision=precision)
-    return base + update.astype(base.dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class ExpertEinsum:
     """An ``'x,kernel->out'`` spec whose kernel is a stack of experts: its letters split by role.
@@ -154,7 +145,12 @@ def parse_expert_einsum(spec: str) -> ExpertEinsum:
 def einsum_low_rank(spec: str, x: Array, a: Array, b: Array, scale: float, *, dtype: Any = None,
                     precision: Any = None) -> Array:
     """``scale · einsum(spec, x, A·B)`` through the rank, without forming A·B; A and B follow the
-    kernel's axis order (A (..., p, r), B (..., r, q)), computed in ``dtype``."""
+    kernel's axis order (A (..., p, r), B (..., r, q)), computed in ``dtype``.
+
+    >>> einsum_low_rank("ecd,edf->ecf", jnp.ones((2, 3, 4)), jnp.ones((2, 4, 1)), jnp.ones((2, 1, 5)),
+    ...                 scale=1.0)[0, 0].tolist()
+    [4.0, 4.0, 4.0, 4.0, 4.0]
+    """
     parsed = parse_expert_einsum(spec)
     dtype = dtype or x.dtype
     free = iter(c for c in string.ascii_letters if c not in parsed.lhs + parsed.rhs + parsed.out)
@@ -168,16 +164,3 @@ def einsum_low_rank(spec: str, x: Array, a: Array, b: Array, scale: float, *, dt
     hidden += "".join(c for c in lead if c not in hidden) + r
     h = jnp.einsum(f"{parsed.lhs},{first}->{hidden}", x.astype(dtype), first_factor.astype(dtype), precision=precision)
     return scale * jnp.einsum(f"{hidden},{second}->{parsed.out}", h, second_factor.astype(dtype), precision=precision)
-
-
-def adapted_einsum(spec: str, x: Array, w: Array, a: Array, b: Array, scale: float, *, precision: Any = None,
-                   preferred_element_type: Any = None) -> Array:
-    """``einsum(spec, x, W + scale·A·B)`` through the rank, without forming A·B; A and B follow W's
-    axis order (A (..., p, r), B (..., r, q)).
-
-    >>> adapted_einsum("ecd,edf->ecf", jnp.ones((2, 3, 4)), jnp.zeros((2, 4, 5)), jnp.ones((2, 4, 1)),
-    ...                jnp.ones((2, 1, 5)), scale=1.0)[0, 0].tolist()
-    [4.0, 4.0, 4.0, 4.0, 4.0]
-    """
-    base = jnp.einsum(spec, x, w, precision=precision, preferred_element_type=preferred_element_type)
-    return base + einsum_low_rank(spec, x, a, b, scale, dtype=base.dtype, precision=precision).astype(base.dtype)

@@ -68,10 +68,10 @@ def check_variant_supported(plan: Plan, variant: Variant, where: str, what: str)
     """NotImplementedError naming the layer if ``variant`` does not support its factor layout or
     needs a base term this call cannot give."""
     if plan.layout not in variant.layouts or (variant.uses_base_term and plan.base_term is None):
-        supported = "Dense, DenseGeneral and Embed" if variant.layouts == (kinds.MATRIX,) else \
-            "Dense, DenseGeneral, Conv and Embed"
+        supported = [name for name, kind in kinds.KIND.items() if kind.layout in variant.layouts]
         raise NotImplementedError(f"LoRA variant '{variant.name}' is not supported on layer '{where}' ({what}); it "
-                                  f"supports {supported} calls")
+                                  f"supports {', '.join(supported)} layers"
+                                  f"{' (an Embed through attend excepted)' if variant.uses_base_term else ''}")
 
 
 def adapted_output(plan: Plan, *, x: Array, base_out: Array, weight: Array, bias: Array | None, a: Array, b: Array,

@@ -149,22 +149,23 @@ def _adapter_params(module, config, path, plan: Plan, kind, rank, scale, weight)
         box = _boxer(scope.get_variable("params", base_leaf_name(kind)), kind, shapes, plan.einsum_axes)
         default_a = a_initializer(config.init, shapes.fan_in, rank, lookup_table=kinds.KIND[kind].lookup_table)
 
-        def factor(index: int):  # the variant's factors at init, from the default ones (A drawn, B zero)
-            def init(key, shape, dtype):
-                factors = variant.init_factors(weight, default_a(key, shape if index == 0 else shapes.a, dtype),
-                                               jnp.zeros(shapes.b, dtype), scale)
-                return factors[index].astype(dtype)
-            return init
+        made = {}  # the variant's factors at init, from the default ones (A drawn, B zero), made once for both
 
-        a = scope.param("lora_A", box(factor(0), "a"), shapes.a, dtype)
-        b = scope.param("lora_B", box(factor(1), "b"), shapes.b, dtype)
-    extra = {}
+        def init_a(key, shape, dtype):
+            made["a"], made["b"] = variant.init_factors(weight, default_a(key, shape, dtype),
+                                                        jnp.zeros(shapes.b, dtype), scale)
+            return made["a"].astype(dtype)
+
+        a = scope.param("lora_A", box(init_a, "a"), shapes.a, dtype)
+        b = scope.param("lora_B", box(lambda key, shape, dtype: made["b"].astype(dtype), "b"), shapes.b, dtype)
+    extra, initial = {}, None
     for name in variant.leaves:
         if scope.has_variable("params", name):
             extra[name] = read(name)
         elif scope.is_mutable_collection("params"):
             box = _boxer(scope.get_variable("params", base_leaf_name(kind)), kind, shapes, plan.einsum_axes)
-            value = variant.init_leaves(weight, a, b, scale, shapes.out_ndim)[name].astype(dtype)
+            initial = initial or variant.init_leaves(weight, a, b, scale, shapes.out_ndim)  # once for all leaves
+            value = initial[name].astype(dtype)
             extra[name] = scope.param(name, box(lambda *_: value, variant.leaf_roles[name]))
         else:
             raise ValueError(f"layer '{path}' is a {variant.label} target but its params hold no {name}: the "

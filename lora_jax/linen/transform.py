@@ -20,7 +20,7 @@ from flax import traverse_util
 from ..config import LoraConfig
 from .layers import (ADAPTED_METHODS, SUPPORTED, adapted_layer_output, in_internal_call, layer_kind, quantized_base_output,
                      quantized_kernel)
-from ..param_targets import AdaptedParam, box_parameter_targets, factors_key, init_parameter_factors, targeted_params
+from ..param_targets import AdaptedParam, box_parameter_targets, factors_key, init_parameter_factors, targeted_keys
 from ..target_report import TargetReport, check_targets
 from ..targets import matches, path_str
 
@@ -73,8 +73,8 @@ class LoraModule(nn.Module):
             out, new = inner.init_with_output(rngs, *args, method=method, **kwargs)
         else:
             params = variables.get("params", {})
-            unadapted = [k for k in targeted_params(params, self.config)
-                         if factors_key(k) + ("lora_A",) not in traverse_util.flatten_dict(params)]
+            flat = traverse_util.flatten_dict(params)
+            unadapted = [k for k in targeted_keys(flat, self.config) if factors_key(k) + ("lora_A",) not in flat]
             if unadapted and not creating:
                 raise ValueError(f"parameters {[path_str(k) for k in unadapted][:5]} are LoRA parameter targets but "
                                  f"the params hold no factors for them: initialise the adapter with model.init(...) "
@@ -87,7 +87,7 @@ class LoraModule(nn.Module):
             params = jax.tree.map(lambda leaf: leaf.value if isinstance(leaf, AdaptedParam) else leaf,
                                   new.get("params", variables.get("params", {})),
                                   is_leaf=lambda leaf: isinstance(leaf, AdaptedParam))
-            fresh = {k: v for k, v in traverse_util.flatten_dict(params).items()}
+            fresh = traverse_util.flatten_dict(params)
             missing = {k: v for k, v in init_parameter_factors(params, self.config, self.make_rng("params")).items()
                        if k not in fresh}
             new["params"] = traverse_util.unflatten_dict({**fresh, **missing})

@@ -27,7 +27,7 @@ from flax import nnx
 from flax.nnx import variablelib
 
 from ..config import LoraConfig
-from ..param_targets import FACTORS_SUFFIX, AdaptedParam, init_parameter_factors
+from ..param_targets import FACTORS_SUFFIX, AdaptedParam, init_parameter_factors, param_path_of
 from ..targets import path_str
 from .variables import QuantizedParam
 
@@ -72,25 +72,29 @@ def _adapted_class(cls: type) -> type:
     return _ADAPTED[cls]
 
 
+def raw_params(model: nnx.Module) -> list[tuple[tuple[str, ...], Any, nnx.Variable]]:
+    """(key, owning module, variable) of every raw param of ``model``: an ``nnx.Param`` that is no
+    LoRA factor, or a param stored quantized (``QuantizedParam``); the candidates for parameter targets."""
+    return [(tuple(str(p) for p in path) + (name,), module, variable)
+            for path, module in list(nnx.iter_modules(model)) for name, variable in list(vars(module).items())
+            if (isinstance(variable, nnx.Param) and not isinstance(variable, nnx.LoRAParam))
+            or isinstance(variable, QuantizedParam)]
+
+
 def add_parameter_targets(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> None:
     """Give every raw ``nnx.Param`` that ``config.target_parameters`` selects its factors (in place)."""
-    owners = {}
-    params = {}
-    for path, module in nnx.iter_modules(model):
-        for name, value in vars(module).items():
-            stored = isinstance(value, QuantizedParam)  # a quantized param: its box (codes), not read out
-            if (isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam)) or stored:
-                key = tuple(str(p) for p in path) + (name,)
-                owners[key] = module
-                node = params
-                for part in key[:-1]:
-                    node = node.setdefault(part, {})
-                node[key[-1]] = value.get_raw_value() if stored else value[...]
+    owners, params = {}, {}
+    for key, module, variable in raw_params(model):
+        owners[key] = module
+        node = params
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = variable.get_raw_value()  # a quantized param: its box (codes), only measured
     factors = init_parameter_factors(params, config, rngs.params())
     for key in factors:
         if key[-1] != "lora_A":
             continue
-        param_key = key[:-2] + (key[-2][: -len(FACTORS_SUFFIX)],)
+        param_key = param_path_of(key[:-1])
         module, name = owners[param_key], param_key[-1]
         if module.__dict__.get("lora_param_targets", {}).get(name):
             raise ValueError(f"param '{path_str(param_key)}' already has LoRA: lora() was applied to this model "

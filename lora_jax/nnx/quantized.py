@@ -12,6 +12,7 @@ from flax import nnx
 
 from ..config import LoraConfig, require_config
 from ..quantize import VARIANT_LEAVES, Format, KernelQuantizer, check_chosen, quantize_array, variant_before_quantize
+from .param_targets import raw_params
 from .transform import is_adapted, nnx_layer_kind, one_layer_ndim, quantized_class
 from .variables import QuantizedParam
 
@@ -67,19 +68,14 @@ def _quantize_parameter_targets(model: nnx.Module, quantizer: KernelQuantizer, c
     if not config.target_parameters:
         return False
     already = False
-    for path, module in list(nnx.iter_modules(model)):
-        for name, variable in list(vars(module).items()):
-            where = "/".join(str(p) for p in path + (name,))
-            if not config.selects_parameter(where) or isinstance(variable, nnx.LoRAParam):
-                continue
-            if isinstance(variable, QuantizedParam):
-                already = True
-                continue
-            if not isinstance(variable, nnx.Param) or variable[...].ndim < 2:
-                continue
-            value = variable[...]
-            box, figures = quantize_array(value, quantizer.format, quantizer.block, value.ndim - 2,
-                                           config.quantized_compute_dtype, quantizer.measure)
-            quantizer.record(where, figures)
-            setattr(module, name, QuantizedParam(box))
+    for key, module, variable in raw_params(model):
+        if not quantizer.parameter_target(key):
+            continue
+        if isinstance(variable, QuantizedParam):
+            already = True
+            continue
+        value = variable[...]
+        quantized = quantizer(key, value)  # the tree quantizer's rule for a parameter target: codes per expert
+        if quantized is not value:
+            setattr(module, key[-1], QuantizedParam(quantized))
     return already
